@@ -1,0 +1,5 @@
+import sys
+
+from bbem.cli import main
+
+sys.exit(main())

@@ -1,0 +1,190 @@
+"""The ``bbem`` command: argument handling and display only; the work lives in the modules."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from bbem.errors import UserError
+
+
+def _zyx(text: str) -> tuple[int, int, int]:
+    try:
+        parts = tuple(int(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected three integers z,y,x, got {text!r}") from None
+    if len(parts) != 3 or min(parts) < 0:
+        raise argparse.ArgumentTypeError(f"expected three non-negative integers z,y,x, got {text!r}")
+    return parts  # type: ignore[return-value]
+
+
+# -- handlers: each imports its module lazily so `bbem --help` stays fast -------------------------
+
+
+def _train(a: argparse.Namespace) -> None:
+    from bbem.train import train_from_cli
+
+    train_from_cli(config=a.config, overrides=a.set, run_dir=a.run_dir, resume=a.resume)
+
+
+def _infer(a: argparse.Namespace) -> None:
+    from bbem.infer import infer_from_cli
+
+    infer_from_cli(
+        checkpoint=a.checkpoint,
+        input=a.input,
+        output=a.output,
+        block=a.block,
+        halo=a.halo,
+        scheduler=a.scheduler,
+        workers=a.workers,
+        tta=a.tta,
+        resume=a.resume,
+        overwrite=a.overwrite,
+        key=a.key,
+        threshold=a.threshold,
+    )
+
+
+def _export(a: argparse.Namespace) -> None:
+    from bbem.model import export_model
+
+    out = export_model(a.checkpoint, a.out, overwrite=a.overwrite)
+    print(f"wrote {out}")
+
+
+def _evaluate(a: argparse.Namespace) -> None:
+    from bbem.metrics import evaluate_from_cli
+
+    evaluate_from_cli(
+        prediction=a.prediction,
+        truth=a.truth,
+        mask=a.mask,
+        json_path=a.json,
+        plot_path=a.plot,
+        margin=a.margin,
+        threshold=a.threshold,
+    )
+
+
+def _convert(a: argparse.Namespace) -> None:
+    from bbem.volumes import convert_from_cli
+
+    convert_from_cli(a.input, a.output, key=a.key, chunks=a.chunks, overwrite=a.overwrite)
+
+
+def _synth(a: argparse.Namespace) -> None:
+    from bbem.synth import synth_from_cli
+
+    synth_from_cli(a.output, shape=a.shape, seed=a.seed, preview=a.preview, overwrite=a.overwrite)
+
+
+def _report(a: argparse.Namespace) -> None:
+    from bbem.report import report_from_cli
+
+    report_from_cli(a.run_dir)
+
+
+def _asr(a: argparse.Namespace) -> None:
+    from bbem.companions.asr import run_from_cli
+
+    run_from_cli(config=a.config, overrides=a.set, run_dir=a.run_dir)
+
+
+def _faceid(a: argparse.Namespace) -> None:
+    from bbem.companions.faceid import run_from_cli
+
+    run_from_cli(config=a.config, overrides=a.set, run_dir=a.run_dir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bbem",
+        description="Synaptic cleft detection in EM volumes with Budgeted Broadcast pruning.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def cmd(name: str, fn: Callable[[argparse.Namespace], None], help: str) -> argparse.ArgumentParser:
+        s = sub.add_parser(name, help=help, description=help)
+        s.set_defaults(func=fn)
+        return s
+
+    s = cmd("train", _train, "train a 3D U-Net (with BB pruning) from a YAML config")
+    s.add_argument("config", nargs="?", help="YAML config (not needed with --resume)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set bb.density=0.3 (repeatable)")
+    s.add_argument("--run-dir", help="where the run goes (default runs/<config>-<time>)")
+    s.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+
+    s = cmd("infer", _infer, "predict cleft probabilities over a volume of any size")
+    s.add_argument("checkpoint")
+    s.add_argument("input", help="input volume (zarr, tiff, hdf5; path:key selects a dataset)")
+    s.add_argument("output", help="output zarr (or .tif for small volumes)")
+    s.add_argument("--key", help="dataset inside the input container")
+    s.add_argument("--block", type=_zyx, help="block shape z,y,x (aligned to output chunks)")
+    s.add_argument("--halo", type=_zyx, help="context read around each block z,y,x")
+    s.add_argument("--scheduler", default="threads",
+                   help="threads | local | tcp://HOST:PORT (an existing Dask scheduler)")
+    s.add_argument("--workers", type=int, default=2, help="worker processes for --scheduler local")
+    s.add_argument("--tta", action="store_true", help="average the 8 flips in z, y, x")
+    s.add_argument("--threshold", type=float, help="also write labels thresholded at this value")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="finish an interrupted run")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+    s = cmd("export", _export, "write a plain model with the BB masks baked in")
+    s.add_argument("checkpoint")
+    s.add_argument("out")
+    s.add_argument("--overwrite", action="store_true")
+
+    s = cmd("evaluate", _evaluate, "voxel/object F1, PR-AUC and CREMI distances of a prediction")
+    s.add_argument("prediction")
+    s.add_argument("truth")
+    s.add_argument("--mask", help="ignore mask: voxels where it is 0 are not scored")
+    s.add_argument("--json", help="write every number and the protocol to this JSON file")
+    s.add_argument("--plot", help="write the PR curve to this PNG")
+    s.add_argument("--margin", type=_zyx, default=None, help="border margin z,y,x not scored")
+    s.add_argument("--threshold", type=float, default=0.5,
+                   help="threshold for object and CREMI measures (default 0.5)")
+
+    s = cmd("convert", _convert, "convert hdf5/tiff/zarr to zarr v3 (OME-Zarr), chunk by chunk")
+    s.add_argument("input")
+    s.add_argument("output")
+    s.add_argument("--key", help="dataset inside the input container")
+    s.add_argument("--chunks", type=_zyx, help="output chunk shape z,y,x")
+    s.add_argument("--overwrite", action="store_true")
+
+    s = cmd("synth", _synth, "make a synthetic CREMI-like EM volume with cleft labels")
+    s.add_argument("output")
+    s.add_argument("--shape", type=_zyx, default=(32, 256, 256))
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--preview", help="write a PNG montage of sections with clefts outlined")
+    s.add_argument("--overwrite", action="store_true")
+
+    s = cmd("report", _report, "plots and a summary of a run directory")
+    s.add_argument("run_dir")
+
+    for name, fn, what in (("asr", _asr, "speech recognition"), ("faceid", _faceid, "face identification")):
+        s = cmd(name, fn, f"companion task: {what} with BB on the same core")
+        s.add_argument("config")
+        s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+        s.add_argument("--run-dir")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"bbem {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"bbem {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""The MONAI 3D U-Net factory, and the checkpoint format every part of bbem reads and writes.
+
+A checkpoint (``checkpoints/last.pt``, ``best.pt``) is a dict::
+
+    {"format": "bbem-checkpoint-1", "step": int, "config": <resolved run config as a dict>,
+     "model": model.state_dict()  (with BB parametrizations when BB is attached),
+     "bb": bb.state_dict() or None, "optimizer": ..., "scheduler": ..., "rng": ...,
+     "metrics": {...}}
+
+An export (``bbem export``) is ``{"format": "bbem-export-1", "model_config": {...},
+"state_dict": plain weights with the masks multiplied in, "info": {...}}``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bbem.atomic import atomic_output
+from bbem.errors import UserError
+
+CHECKPOINT_FORMAT = "bbem-checkpoint-1"
+EXPORT_FORMAT = "bbem-export-1"
+
+#: The anisotropic default: EM sections are ~10x thicker than pixels, so z is not downsampled in
+#: the first two levels.
+DEFAULT_MODEL: dict[str, Any] = {
+    "name": "unet",
+    "channels": [16, 32, 64, 128],
+    "strides": [[1, 2, 2], [1, 2, 2], [2, 2, 2]],
+    "num_res_units": 2,
+    "norm": "instance",
+    "act": "relu",
+    "dropout": 0.0,
+}
+
+
+def build_model(model_cfg: Mapping[str, Any] | None = None) -> nn.Module:
+    """A MONAI 3D U-Net: input ``[B, 1, Z, Y, X]`` -> cleft logits ``[B, 1, Z, Y, X]``.
+
+    ``model_cfg`` keys (defaults in :data:`DEFAULT_MODEL`): ``name`` (``unet`` or
+    ``basicunet``), ``channels``, ``strides`` (per level, an int or a z,y,x triple),
+    ``num_res_units``, ``norm``, ``act``, ``dropout``. Z, Y, X must be divisible by the product
+    of the strides along each axis.
+    """
+    cfg = {**DEFAULT_MODEL, **dict(model_cfg or {})}
+    name = str(cfg["name"]).lower()
+    if name == "unet":
+        from monai.networks.nets import UNet
+
+        return UNet(
+            spatial_dims=3,
+            in_channels=1,
+            out_channels=1,
+            channels=tuple(cfg["channels"]),
+            strides=tuple(tuple(s) if isinstance(s, (list, tuple)) else s for s in cfg["strides"]),
+            num_res_units=int(cfg["num_res_units"]),
+            norm=cfg["norm"],
+            act=cfg["act"],
+            dropout=float(cfg["dropout"]),
+        )
+    if name == "basicunet":
+        from monai.networks.nets import BasicUNet
+
+        feats = list(cfg["channels"])
+        if len(feats) != 6:
+            raise UserError(f"model.channels for basicunet needs 6 numbers, got {feats}")
+        return BasicUNet(
+            spatial_dims=3,
+            in_channels=1,
+            out_channels=1,
+            features=tuple(feats),
+            act=cfg["act"],
+            norm=cfg["norm"],
+            dropout=float(cfg["dropout"]),
+        )
+    raise UserError(f"model.name must be 'unet' or 'basicunet', got {cfg['name']!r}")
+
+
+def downsample_factor(model_cfg: Mapping[str, Any] | None = None) -> tuple[int, int, int]:
+    """Product of the strides along z, y, x: patch and block shapes must be multiples of it."""
+    cfg = {**DEFAULT_MODEL, **dict(model_cfg or {})}
+    if str(cfg["name"]).lower() == "basicunet":
+        return (16, 16, 16)
+    f = [1, 1, 1]
+    for s in cfg["strides"]:
+        s3 = list(s) if isinstance(s, (list, tuple)) else [s, s, s]
+        f = [a * int(b) for a, b in zip(f, s3)]
+    return (f[0], f[1], f[2])
+
+
+def attach_from_config(model: nn.Module, bb_cfg: Mapping[str, Any] | None):
+    """Attach BB (or a baseline) to the model's Conv3d layers; ``None`` for ``method: dense``."""
+    if not bb_cfg or bb_cfg.get("method", "bb") == "dense":
+        return None
+    from bbem.bb import BBConfig, attach_bb
+
+    fields = {k: v for k, v in bb_cfg.items() if k not in ("layers",)}
+    return attach_bb(model, BBConfig(**fields), layers=(nn.Conv3d,))
+
+
+def save_checkpoint(path: str | os.PathLike, payload: Mapping[str, Any]) -> Path:
+    """Write a checkpoint atomically (temporary name, then rename)."""
+    data = {"format": CHECKPOINT_FORMAT, **payload}
+    with atomic_output(path, overwrite=True) as tmp:
+        torch.save(data, tmp)
+    return Path(path)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint or an export; a clear :class:`UserError` when it is missing or foreign."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"checkpoint {p} not found: pass a run's checkpoints/best.pt or last.pt")
+    try:
+        data = torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises many types for a corrupt file
+        raise UserError(f"checkpoint {p} cannot be read ({type(e).__name__}): is it a bbem checkpoint?") from None
+    if not isinstance(data, dict) or data.get("format") not in (CHECKPOINT_FORMAT, EXPORT_FORMAT):
+        raise UserError(f"{p} is not a bbem checkpoint or export (no bbem format tag)")
+    return data
+
+
+def load_inference_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """A plain model in eval mode (BB masks baked in) and info: ``model_config``, ``config``, ``step``.
+
+    Accepts a training checkpoint or an export.
+    """
+    data = load_checkpoint(path)
+    if data["format"] == EXPORT_FORMAT:
+        model_cfg = data["model_config"]
+        model = build_model(model_cfg)
+        _load_state(model, data["state_dict"], path)
+        info = dict(data.get("info", {}))
+    else:
+        config = data["config"]
+        model_cfg = config.get("model", {})
+        model = build_model(model_cfg)
+        bb = attach_from_config(model, config.get("bb"))
+        _load_state(model, data["model"], path)
+        if bb is not None:
+            if data.get("bb") is not None:
+                bb.load_state_dict(data["bb"])
+            bb.bake()
+        info = {"config": config, "step": data.get("step"), "metrics": data.get("metrics", {})}
+    info["model_config"] = {**DEFAULT_MODEL, **dict(model_cfg)}
+    return model.to(device).eval(), info
+
+
+def _load_state(model: nn.Module, state: Mapping[str, Any], path: str | os.PathLike) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise UserError(f"checkpoint {path} does not fit the model its config describes: {first}") from None
+
+
+def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write a plain model (masks multiplied into the weights, no BB machinery) for use elsewhere."""
+    model, info = load_inference_model(checkpoint)
+    payload = {
+        "format": EXPORT_FORMAT,
+        "model_config": info["model_config"],
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "info": {k: v for k, v in info.items() if k != "model_config"},
+    }
+    with atomic_output(out, overwrite=overwrite) as tmp:
+        torch.save(payload, tmp)
+    return Path(out)

@@ -1,0 +1,33 @@
+import pytest
+
+from bbem.atomic import atomic_output, partial_path
+from bbem.errors import UserError
+
+
+def test_file_appears_only_when_complete(tmp_path):
+    out = tmp_path / "a.txt"
+    with atomic_output(out) as tmp:
+        tmp.write_text("x")
+        assert not out.exists()
+    assert out.read_text() == "x" and not partial_path(out).exists()
+
+
+def test_failure_leaves_nothing_and_keeps_old(tmp_path):
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "old").write_text("keep")
+    with pytest.raises(RuntimeError), atomic_output(out, overwrite=True) as tmp:
+        tmp.mkdir()
+        (tmp / "new").write_text("half")
+        raise RuntimeError("killed")
+    assert (out / "old").read_text() == "keep" and not partial_path(out).exists()
+
+
+def test_existing_output_refused_without_overwrite(tmp_path):
+    out = tmp_path / "a.txt"
+    out.write_text("x")
+    with pytest.raises(UserError, match="--overwrite"), atomic_output(out):
+        pass
+    with atomic_output(out, overwrite=True) as tmp:
+        tmp.write_text("y")
+    assert out.read_text() == "y"
