@@ -15,7 +15,9 @@ def _zyx(text: str) -> tuple[int, int, int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected three integers z,y,x, got {text!r}") from None
     if len(parts) != 3 or min(parts) < 0:
-        raise argparse.ArgumentTypeError(f"expected three non-negative integers z,y,x, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected three non-negative integers z,y,x, got {text!r}"
+        )
     return parts  # type: ignore[return-value]
 
 
@@ -105,15 +107,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
 
-    def cmd(name: str, fn: Callable[[argparse.Namespace], None], help: str) -> argparse.ArgumentParser:
+    def cmd(
+        name: str, fn: Callable[[argparse.Namespace], None], help: str
+    ) -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help, description=help)
         s.set_defaults(func=fn)
         return s
 
     s = cmd("train", _train, "train a 3D U-Net (with BB pruning) from a YAML config")
     s.add_argument("config", nargs="?", help="YAML config (not needed with --resume)")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set bb.density=0.3 (repeatable)")
+    s.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set bb.density=0.3 (repeatable)",
+    )
     s.add_argument("--run-dir", help="where the run goes (default runs/<config>-<time>)")
     s.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
 
@@ -124,8 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--key", help="dataset inside the input container")
     s.add_argument("--block", type=_zyx, help="block shape z,y,x (aligned to output chunks)")
     s.add_argument("--halo", type=_zyx, help="context read around each block z,y,x")
-    s.add_argument("--scheduler", default="threads",
-                   help="threads | local | tcp://HOST:PORT (an existing Dask scheduler)")
+    s.add_argument(
+        "--scheduler",
+        default="threads",
+        help="threads | local | tcp://HOST:PORT (an existing Dask scheduler)",
+    )
     s.add_argument("--workers", type=int, default=2, help="worker processes for --scheduler local")
     s.add_argument("--tta", action="store_true", help="average the 8 flips in z, y, x")
     s.add_argument("--threshold", type=float, help="also write labels thresholded at this value")
@@ -145,8 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", help="write every number and the protocol to this JSON file")
     s.add_argument("--plot", help="write the PR curve to this PNG")
     s.add_argument("--margin", type=_zyx, default=None, help="border margin z,y,x not scored")
-    s.add_argument("--threshold", type=float, default=0.5,
-                   help="threshold for object and CREMI measures (default 0.5)")
+    s.add_argument(
+        "--threshold",
+        type=float,
+        default=0.5,
+        help="threshold for object and CREMI measures (default 0.5)",
+    )
 
     s = cmd("convert", _convert, "convert hdf5/tiff/zarr to zarr v3 (OME-Zarr), chunk by chunk")
     s.add_argument("input")
@@ -165,7 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = cmd("report", _report, "plots and a summary of a run directory")
     s.add_argument("run_dir")
 
-    for name, fn, what in (("asr", _asr, "speech recognition"), ("faceid", _faceid, "face identification")):
+    for name, fn, what in (
+        ("asr", _asr, "speech recognition"),
+        ("faceid", _faceid, "face identification"),
+    ):
         s = cmd(name, fn, f"companion task: {what} with BB on the same core")
         s.add_argument("config")
         s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

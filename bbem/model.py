@@ -120,13 +120,17 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         data = torch.load(p, map_location="cpu", weights_only=False)
     except Exception as e:  # torch raises many types for a corrupt file
-        raise UserError(f"checkpoint {p} cannot be read ({type(e).__name__}): is it a bbem checkpoint?") from None
+        raise UserError(
+            f"checkpoint {p} cannot be read ({type(e).__name__}): is it a bbem checkpoint?"
+        ) from None
     if not isinstance(data, dict) or data.get("format") not in (CHECKPOINT_FORMAT, EXPORT_FORMAT):
         raise UserError(f"{p} is not a bbem checkpoint or export (no bbem format tag)")
     return data
 
 
-def load_inference_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+def load_inference_model(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
     """A plain model in eval mode (BB masks baked in) and info: ``model_config``, ``config``, ``step``.
 
     Accepts a training checkpoint or an export.
@@ -157,10 +161,14 @@ def _load_state(model: nn.Module, state: Mapping[str, Any], path: str | os.PathL
         model.load_state_dict(state)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
-        raise UserError(f"checkpoint {path} does not fit the model its config describes: {first}") from None
+        raise UserError(
+            f"checkpoint {path} does not fit the model its config describes: {first}"
+        ) from None
 
 
-def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
+def export_model(
+    checkpoint: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False
+) -> Path:
     """Write a plain model (masks multiplied into the weights, no BB machinery) for use elsewhere."""
     model, info = load_inference_model(checkpoint)
     payload = {

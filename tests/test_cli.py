@@ -8,7 +8,17 @@ from bbem.cli import build_parser, main
 
 def test_help_lists_every_command():
     text = build_parser().format_help()
-    for name in ("train", "infer", "export", "evaluate", "convert", "synth", "report", "asr", "faceid"):
+    for name in (
+        "train",
+        "infer",
+        "export",
+        "evaluate",
+        "convert",
+        "synth",
+        "report",
+        "asr",
+        "faceid",
+    ):
         assert name in text
 
 

@@ -1,0 +1,180 @@
+"""The run directory every training job writes (EM training and the companion tasks alike).
+
+Layout::
+
+    RUN_DIR/config.yaml          resolved config
+    RUN_DIR/train.log            log file
+    RUN_DIR/metrics.csv          one row per evaluation (always step, time_s, train_loss, density)
+    RUN_DIR/bb.csv               step,layer,mode,unit,on_rate,degree,full_fan,traffic
+    RUN_DIR/checkpoints/         last.pt, best.pt (see bbem.model for the format)
+    RUN_DIR/report/              made by `bbem report`
+
+CSV rows are appended as they come; ``truncate_after`` makes a resumed run neither lose nor
+duplicate rows. Generic on purpose: it knows nothing of EM, only of ``bbem.bb`` stats.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bbem.atomic import atomic_output
+from bbem.errors import UserError
+
+BB_COLUMNS = ("step", "layer", "mode", "unit", "on_rate", "degree", "full_fan", "traffic")
+
+
+class RunDir:
+    """A run directory; use :meth:`create` for a new run and :meth:`open` to resume one."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.metrics_csv = self.path / "metrics.csv"
+        self.bb_csv = self.path / "bb.csv"
+        self.checkpoints = self.path / "checkpoints"
+        self.log = _file_logger(self.path / "train.log")
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, config: Mapping[str, Any]) -> RunDir:
+        p = Path(path)
+        if p.exists() and any(p.iterdir()):
+            raise UserError(
+                f"run directory {p} exists and is not empty: choose another --run-dir or resume it with --resume {p}"
+            )
+        (p / "checkpoints").mkdir(parents=True, exist_ok=True)
+        with atomic_output(p / "config.yaml", overwrite=True) as tmp:
+            tmp.write_text(yaml.safe_dump(_plain(config), sort_keys=False))
+        return cls(p)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> RunDir:
+        p = Path(path)
+        if not (p / "config.yaml").is_file():
+            raise UserError(
+                f"{p} is not a run directory (no config.yaml): pass the --run-dir of an earlier run"
+            )
+        return cls(p)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return yaml.safe_load((self.path / "config.yaml").read_text())
+
+    def checkpoint_path(self, name: str) -> Path:
+        """``checkpoints/<name>.pt`` (``name`` is ``last`` or ``best``)."""
+        return self.checkpoints / f"{name.removesuffix('.pt')}.pt"
+
+    def append_metrics(self, row: Mapping[str, Any]) -> None:
+        """Append one evaluation row; a new column rewrites the file with the wider header."""
+        _append_rows(self.metrics_csv, [dict(row)])
+
+    def append_bb(self, step: int, bb: Any) -> None:
+        """One row per controlled unit of every masked layer, from ``bb.stats()``."""
+        rows = bb_rows(step, bb.stats()) if bb is not None else []
+        _append_rows(self.bb_csv, rows, header=BB_COLUMNS)
+
+    def truncate_after(self, step: int) -> None:
+        """Drop rows with a step larger than ``step`` (the checkpoint a resumed run starts from)."""
+        for path in (self.metrics_csv, self.bb_csv):
+            if not path.is_file():
+                continue
+            header, rows = _read(path)
+            kept = [r for r in rows if r.get("step", "") == "" or int(float(r["step"])) <= step]
+            # always rewrite: this also drops a row a kill left half-written
+            _write(path, header, kept)
+
+    def read_metrics(self) -> list[dict[str, str]]:
+        return _read(self.metrics_csv)[1] if self.metrics_csv.is_file() else []
+
+
+def bb_rows(step: int, stats: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Flatten ``bb.stats()`` into bb.csv rows (one per unit the rule controls)."""
+    rows: list[dict[str, Any]] = []
+    for layer, s in stats.items():
+        mode = s.get("mode", "in")
+        degrees = s["fan_in"] if mode == "in" else s["fan_out"]
+        full = s.get("full_fan", len(s["fan_out"]) if mode == "in" else len(s["fan_in"]))
+        on = [float(v) for v in s["on_rate"]]
+        deg = [int(v) for v in degrees]
+        for u, (a, k) in enumerate(zip(on, deg, strict=True)):
+            rows.append(
+                {
+                    "step": step,
+                    "layer": layer,
+                    "mode": mode,
+                    "unit": u,
+                    "on_rate": round(a, 6),
+                    "degree": k,
+                    "full_fan": int(full),
+                    "traffic": round(a * k, 6),
+                }
+            )
+    return rows
+
+
+def _append_rows(
+    path: Path, rows: list[dict[str, Any]], header: Iterable[str] | None = None
+) -> None:
+    if path.is_file():
+        old_header, _ = _read(path, header_only=True)
+        new_keys = [k for r in rows for k in r if k not in old_header]
+        if new_keys:
+            _, old_rows = _read(path)
+            _write(path, list(old_header) + list(dict.fromkeys(new_keys)), old_rows + rows)
+            return
+        with path.open("a", newline="") as f:
+            csv.DictWriter(f, fieldnames=old_header).writerows(_clean(r) for r in rows)
+            f.flush()
+            os.fsync(f.fileno())
+        return
+    cols = list(header) if header is not None else list(dict.fromkeys(k for r in rows for k in r))
+    _write(path, cols, rows)
+
+
+def _read(path: Path, header_only: bool = False) -> tuple[list[str], list[dict[str, str]]]:
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        header = list(reader.fieldnames or [])
+        # a row cut short by a kill mid-write has fewer fields: drop it rather than keep half a row
+        rows = [] if header_only else [r for r in reader if None not in r.values()]
+    return header, rows
+
+
+def _write(path: Path, header: list[str], rows: list[dict[str, Any]]) -> None:
+    with atomic_output(path, overwrite=True) as tmp, tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=header)
+        w.writeheader()
+        w.writerows(_clean(r) for r in rows)
+
+
+def _clean(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+
+
+def _plain(obj: Any) -> Any:
+    """Config values as YAML-safe builtins (tuples -> lists, paths -> str)."""
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return obj
+
+
+def _file_logger(path: Path) -> logging.Logger:
+    logger = logging.getLogger(f"bbem.run.{path.resolve()}")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # the console belongs to the progress bar
+    if not logger.handlers:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        h = logging.FileHandler(path)
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(h)
+    return logger
