@@ -7,12 +7,25 @@ validation, so they are checked by the same rules as the file.
 from __future__ import annotations
 
 import copy
+import difflib
+import os
+import re
 from collections.abc import Iterable, Mapping
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from bbem.errors import UserError
+from bbem.model import DEFAULT_MODEL, downsample_factor
 
 
 def apply_overrides(d: Mapping[str, Any], overrides: Iterable[str] = ()) -> dict[str, Any]:
@@ -36,16 +49,512 @@ def apply_overrides(d: Mapping[str, Any], overrides: Iterable[str] = ()) -> dict
         except yaml.YAMLError as e:
             first = str(e).strip().splitlines()[0]
             raise UserError(f"override {key}: value {text!r} is not valid YAML ({first})") from None
-        node = out
-        for i, part in enumerate(parts[:-1]):
-            nxt = node.get(part)
-            if nxt is None:
-                nxt = node[part] = {}
-            elif not isinstance(nxt, dict):
-                where = ".".join(parts[: i + 1])
+        node: Any = out
+        for i, part in enumerate(parts):
+            where = ".".join(parts[: i + 1])
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                # data.train.0.z_range: a number indexes an existing list item
+                if not (part.isdigit() and int(part) < len(node)):
+                    raise UserError(
+                        f"override {key}: {where} is not an item of a list of {len(node)}"
+                    )
+                part = int(part)
+            elif not isinstance(node, dict):
+                where = ".".join(parts[:i])
                 raise UserError(
-                    f"override {key}: {where} is a value ({nxt!r}), not a section with keys"
+                    f"override {key}: {where} is a value ({_short(node)}), not a section with keys"
                 )
-            node = nxt
-        node[parts[-1]] = value
+            elif not last and node.get(part) is None:
+                node[part] = {}
+            if last:
+                node[part] = value
+            else:
+                node = node[part]
+    return out
+
+
+# -- the schema -----------------------------------------------------------------------------------
+
+CREMI_URL = "https://cremi.org/data/"
+CREMI_FILES = ("sample_A_20160501.hdf", "sample_B_20160501.hdf", "sample_C_20160501.hdf")
+
+ZYX = tuple[int, int, int]
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors, not silently ignored: a typo must never train with a default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SynthSpec(_Section):
+    """A synthetic volume bbem makes with ``bbem.synth.write_synthetic`` when the path is absent."""
+
+    shape: ZYX = (24, 256, 256)
+    seed: int = 0
+
+    @field_validator("shape")
+    @classmethod
+    def _positive(cls, v: ZYX) -> ZYX:
+        if min(v) <= 0:
+            raise ValueError("must be three positive integers z, y, x")
+        return v
+
+
+class VolumeSpec(_Section):
+    """One raw + cleft-label volume: a file (hdf5, zarr, ...) and the keys inside it."""
+
+    path: str
+    raw_key: str = "volumes/raw"
+    label_key: str = "volumes/labels/clefts"
+    #: Sections [start, stop) used (a split by sections, e.g. [0, 14] to train, [14, 20] to
+    #: validate); None means all.
+    z_range: tuple[int, int] | None = None
+    synth: SynthSpec | None = None
+
+    @field_validator("z_range")
+    @classmethod
+    def _z_range(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and not 0 <= v[0] < v[1]:
+            raise ValueError("must be [start, stop] with 0 <= start < stop")
+        return v
+
+
+class DataConfig(_Section):
+    """Where the volumes are and how training patches are drawn from them."""
+
+    #: Relative volume paths resolve against this; relative or unset, it resolves against the
+    #: current working directory (``load_config`` stores it absolute so a resumed run finds the
+    #: same files from anywhere).
+    root: str | None = None
+    train: list[VolumeSpec] = Field(min_length=1)
+    val: list[VolumeSpec] = Field(min_length=1)
+    patch_size: ZYX = (16, 160, 160)
+    batch_size: int = Field(2, ge=1)
+    #: Fraction of patches forced to contain a cleft voxel (the rest are uniform).
+    pos_fraction: float = Field(0.8, ge=0.0, le=1.0)
+    workers: int = Field(0, ge=0)
+    #: Volumes smaller than this are read into memory once (fast patches on CPU).
+    in_memory_mb: float = Field(512.0, ge=0.0)
+
+    @field_validator("patch_size")
+    @classmethod
+    def _patch_positive(cls, v: ZYX) -> ZYX:
+        if min(v) <= 0:
+            raise ValueError("must be three positive integers z, y, x")
+        return v
+
+    def root_path(self) -> Path:
+        """The data root as an absolute path (the current directory when unset)."""
+        return (Path.cwd() / Path(self.root or ".").expanduser()).resolve()
+
+    def resolve(self, path: str) -> Path:
+        """A volume path: absolute as given, relative against :meth:`root_path`."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (self.root_path() / p).resolve()
+
+
+class ModelConfig(_Section):
+    """The MONAI U-Net (see :func:`bbem.model.build_model`); defaults are ``DEFAULT_MODEL``."""
+
+    name: Literal["unet", "basicunet"] = DEFAULT_MODEL["name"]
+    channels: list[int] = Field(default_factory=lambda: list(DEFAULT_MODEL["channels"]))
+    strides: list[int | ZYX] = Field(
+        default_factory=lambda: [tuple(s) for s in DEFAULT_MODEL["strides"]]
+    )
+    num_res_units: int = Field(DEFAULT_MODEL["num_res_units"], ge=0)
+    norm: str = DEFAULT_MODEL["norm"]
+    act: str = DEFAULT_MODEL["act"]
+    dropout: float = Field(DEFAULT_MODEL["dropout"], ge=0.0, lt=1.0)
+
+    @field_validator("channels")
+    @classmethod
+    def _channels(cls, v: list[int]) -> list[int]:
+        if len(v) < 2 or min(v) <= 0:
+            raise ValueError("must be at least two positive channel counts, e.g. [16, 32, 64]")
+        return v
+
+    @field_validator("strides")
+    @classmethod
+    def _strides(cls, v: list[int | ZYX]) -> list[int | ZYX]:
+        flat = [s for x in v for s in (x if isinstance(x, tuple) else (x,))]
+        if flat and min(flat) <= 0:
+            raise ValueError("must be positive integers or z, y, x triples")
+        return v
+
+    @model_validator(mode="after")
+    def _levels(self) -> ModelConfig:
+        if self.name == "unet" and len(self.strides) != len(self.channels) - 1:
+            raise ValueError(
+                f"model.strides needs one entry per level below the top: "
+                f"{len(self.channels) - 1} for channels {self.channels}, got {len(self.strides)}"
+            )
+        if self.name == "basicunet" and len(self.channels) != 6:
+            raise ValueError(f"model.channels for basicunet needs 6 numbers, got {self.channels}")
+        return self
+
+    def downsample_factor(self) -> ZYX:
+        return downsample_factor(self.model_dump())
+
+
+class BBSection(_Section):
+    """``bbem.bb.BBConfig`` fields, or ``method: dense`` for no pruning (METHOD.md explains them)."""
+
+    method: Literal["dense", "bb", "bb_tiers", "magnitude", "random"] = "dense"
+    mode: Literal["in", "out"] = "in"
+    #: Kept fraction of edges per masked layer; required unless ``method: dense``.
+    density: float | None = None
+    spread: float = Field(0.5, gt=0.0)
+    ema: float = Field(0.99, ge=0.0, lt=1.0)
+    warmup_steps: int = Field(0, ge=0)
+    ramp_steps: int = Field(0, ge=0)
+    refresh_every: int = Field(50, ge=1)
+    min_fan: int = Field(1, ge=1)
+    regrow: bool = True
+    rescale: Literal["sqrt", "none"] = "sqrt"
+    seed: int = 0
+    dens_busy: float = 0.3
+    dens_rare: float = 0.9
+    tier_high: float = 0.7
+    tier_low: float = 0.1
+    #: Leave convs with one input or output channel (the first and the last) dense.
+    skip_unit_fan: bool = True
+
+    @field_validator("density", "dens_busy", "dens_rare")
+    @classmethod
+    def _fraction(cls, v: float | None) -> float | None:
+        if v is not None and not 0.0 < v <= 1.0:
+            raise ValueError("must be in (0, 1]")
+        return v
+
+    @field_validator("tier_high", "tier_low")
+    @classmethod
+    def _rate(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError("must be in [0, 1]")
+        return v
+
+    @model_validator(mode="after")
+    def _needs_density(self) -> BBSection:
+        if self.method != "dense" and self.density is None:
+            raise ValueError(
+                f"bb.density is required for method {self.method!r}: set e.g. bb.density: 0.5"
+            )
+        if self.tier_low > self.tier_high:
+            raise ValueError(
+                f"bb.tier_low ({self.tier_low}) must not exceed bb.tier_high ({self.tier_high})"
+            )
+        return self
+
+
+class LossConfig(_Section):
+    """BCE + Dice; ``pos_weight`` up-weights the rare cleft voxels in BCE."""
+
+    bce_weight: float = Field(1.0, ge=0.0)
+    dice_weight: float = Field(1.0, ge=0.0)
+    #: BCE positive-class weight, or ``auto``: background/foreground ratio of the training labels.
+    pos_weight: float | Literal["auto"] = 10.0
+
+    @field_validator("pos_weight")
+    @classmethod
+    def _pos_weight(cls, v: float | str) -> float | str:
+        if not isinstance(v, str) and v <= 0:
+            raise ValueError("must be > 0 or 'auto'")
+        return v
+
+    @model_validator(mode="after")
+    def _some_loss(self) -> LossConfig:
+        if self.bce_weight == 0 and self.dice_weight == 0:
+            raise ValueError("loss.bce_weight and loss.dice_weight are both 0: nothing to train")
+        return self
+
+
+Prob = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class AugmentConfig(_Section):
+    """Probabilities (per patch) and sizes of the augmentations (see :func:`bbem.data.build_augment`)."""
+
+    enabled: bool = True
+    flips: Prob = 0.5
+    #: In-plane (y-x) quarter turns and transposes only: EM z is ~10x coarser than y, x.
+    rot90: Prob = 0.5
+    #: In-plane elastic deformation; off by default, it is slow on CPU.
+    elastic: Prob = 0.0
+    elastic_sigma: tuple[float, float] = (6.0, 10.0)
+    elastic_magnitude: tuple[float, float] = (20.0, 60.0)
+    intensity: Prob = 0.5
+    intensity_scale: float = Field(0.1, ge=0.0)
+    intensity_shift: float = Field(0.1, ge=0.0)
+    noise: Prob = 0.2
+    noise_std: float = Field(0.03, ge=0.0)
+    missing_section: Prob = 0.1
+    misaligned_section: Prob = 0.1
+    misaligned_max_shift: int = Field(8, ge=1)
+    motion_blur: Prob = 0.1
+    motion_blur_kernel: int = Field(9, ge=3)
+
+
+class OptimConfig(_Section):
+    """AdamW with linear warm-up then the schedule."""
+
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    #: Steps of linear learning-rate warm-up from 0.
+    warmup_steps: int = Field(20, ge=0)
+    #: Max gradient norm; None turns clipping off.
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+
+
+class TrainConfig(_Section):
+    """Length, evaluation and checkpoint cadence, seed and device."""
+
+    steps: int = Field(gt=0)
+    eval_every: int = Field(100, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+    log_every: int = Field(10, ge=1)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool | Literal["auto"] = "auto"
+
+
+class RunConfig(_Section):
+    """A whole run: what ``bbem train CONFIG`` reads and the run directory's ``config.yaml``."""
+
+    name: str = Field(min_length=1)
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    bb: BBSection = Field(default_factory=BBSection)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections(cls, d: Any) -> Any:
+        # `augment:` with nothing under it reads as None in YAML: mean "all defaults".
+        if isinstance(d, dict):
+            d = {k: v for k, v in d.items() if not (v is None and k in _SECTIONS)}
+        return d
+
+    @model_validator(mode="after")
+    def _patch_fits_model(self) -> RunConfig:
+        f = self.model.downsample_factor()
+        p = self.data.patch_size
+        if any(s % k for s, k in zip(p, f)):
+            fix = [max(k, round(s / k) * k) for s, k in zip(p, f)]
+            raise ValueError(
+                f"data.patch_size {list(p)} must be a multiple of the model's downsample factor "
+                f"{list(f)} along z, y, x: try {fix}"
+            )
+        return self
+
+    def bb_kwargs(self) -> dict[str, Any] | None:
+        """Keyword arguments for ``bbem.bb.BBConfig(**kw)``; None for ``method: dense``."""
+        if self.bb.method == "dense":
+            return None
+        return self.bb.model_dump()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML-safe dict (lists, not tuples) that :meth:`from_dict` reads back."""
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RunConfig:
+        """Validate a dict (a saved config.yaml); errors become one-line :class:`UserError`."""
+        if not isinstance(d, Mapping):
+            raise UserError(f"config error: expected a mapping of sections, got {type(d).__name__}")
+        try:
+            return cls.model_validate(dict(d))
+        except ValidationError as e:
+            raise UserError(format_validation_error(e)) from None
+
+
+_SECTIONS = ("model", "bb", "loss", "augment", "optim")
+
+
+# -- one clear line per error ---------------------------------------------------------------------
+
+
+def _unwrap_model(tp: Any) -> Any:
+    """The pydantic model class inside ``X | None`` / ``list[X]``, or None."""
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return tp
+    for arg in get_args(tp):
+        found = _unwrap_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _clean(loc: tuple[Any, ...]) -> tuple[tuple[Any, ...], str | None]:
+    """Split a pydantic location into the user's key path and the union branch tag, if any.
+
+    Pydantic names union branches in the location (``model.strides.1.int``); the user never
+    wrote those, so they are dropped from the path and returned separately.
+    """
+    cls: Any = RunConfig
+    for n, part in enumerate(loc):
+        if isinstance(part, int):
+            continue
+        if cls is None:  # below a leaf: what follows names a union branch
+            return loc[:n], str(part)
+        if part not in cls.model_fields:  # an unknown key (extra_forbidden)
+            return loc[: n + 1], None
+        cls = _unwrap_model(cls.model_fields[part].annotation)
+    return loc, None
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the section at ``loc``."""
+    cls: Any = RunConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if cls is None or part not in cls.model_fields:
+            return []
+        cls = _unwrap_model(cls.model_fields[part].annotation)
+    return list(cls.model_fields) if cls is not None else []
+
+
+def _path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+_BRANCH = {
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "str": "a string",
+    "tuple[int, int, int]": "a [z, y, x] triple of integers",
+    "tuple[int, int]": "a [start, stop] pair of integers",
+    "tuple[float, float]": "a [low, high] pair of numbers",
+}
+
+
+def _branch(tag: str) -> str:
+    if tag.startswith("literal["):
+        return tag.removeprefix("literal[").removesuffix("]")
+    return _BRANCH.get(tag, tag)
+
+
+def format_validation_error(e: ValidationError) -> str:
+    """The first error as ``config error: <key path> <problem>`` (+ how many more there are)."""
+    # Group by the user's key path: a union value that fits no branch is one problem.
+    groups: dict[tuple[Any, ...], list[tuple[str | None, Mapping[str, Any]]]] = {}
+    for err in e.errors():
+        loc, tag = _clean(tuple(err["loc"]))
+        groups.setdefault(loc, []).append((tag, err))
+    (loc, errs), *rest = groups.items()
+    line = "config error: " + _describe(loc, errs)
+    if rest:
+        line += f" (and {len(rest)} more problem{'s' if len(rest) > 1 else ''})"
+    return line
+
+
+def _describe(loc: tuple[Any, ...], errs: list[tuple[str | None, Mapping[str, Any]]]) -> str:
+    path = _path(loc)
+    tags = [t for t, _ in errs if t is not None]
+    err = errs[0][1]
+    kind = err["type"]
+    if tags:
+        options = list(dict.fromkeys(_branch(t) for t in tags))
+        return f"{path} must be {' or '.join(options)}, got {_short(err['input'])}"
+    if kind == "extra_forbidden":
+        valid = _fields_at(loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        parent = _path(loc[:-1])
+        if close:
+            return (
+                f"{path} is not a field; did you mean {parent + '.' if parent else ''}{close[0]}?"
+            )
+        where = f" of {parent}" if parent else ""
+        return f"{path} is not a field; valid keys{where}: {', '.join(valid)}"
+    if kind == "missing" and loc and isinstance(loc[-1], int):
+        return f"{_path(loc[:-1])} is too short: item {loc[-1]} is missing"
+    if kind == "missing":
+        return f"{path} is required"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"{path} must be a section (key: value lines), got {_short(err['input'])}"
+    msg = str(err["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    msg = re.sub(r"^(Input|List|Tuple|String) should", "must", msg).replace(" after validation", "")
+    if kind == "literal_error":
+        expected = err.get("ctx", {}).get("expected", "").replace(" or ", ", ").split(", ")
+        options = [x.strip().strip("'\"") for x in expected if x.strip()]
+        close = difflib.get_close_matches(str(err.get("input")), options, n=1)
+        if close:
+            msg += f" (did you mean {close[0]!r}?)"
+    if not path or msg.startswith(path):  # a rule that names its own keys
+        return msg
+    return f"{path} {msg}, got {_short(err['input'])}"
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# -- loading --------------------------------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> RunConfig:
+    """Read a YAML run config, apply ``--set`` overrides, validate.
+
+    Unknown keys and bad values raise one-line :class:`UserError` naming the key path (with a
+    close-match suggestion for typos). ``data.root`` is made absolute (relative to the current
+    directory) so the saved config finds the same data from anywhere.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {p} not found: pass a YAML config such as configs/demo.yaml")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        first = " ".join(str(e).split())
+        raise UserError(f"config file {p} is not valid YAML: {first}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"config file {p} must be a mapping of sections (name, data, model, ...)")
+    d = apply_overrides(raw, overrides)
+    cfg = RunConfig.from_dict(d)
+    cfg.data.root = str(cfg.data.root_path())
+    return cfg
+
+
+def _is_cremi(path: Path) -> bool:
+    return path.name in CREMI_FILES or "cremi" in str(path).lower()
+
+
+def resolve_volumes(cfg: RunConfig) -> list[Path]:
+    """Check every train/val volume exists, making missing synthetic ones; return their paths.
+
+    A missing non-synthetic file raises :class:`UserError` naming it and where it is expected
+    (and, for CREMI, where the samples are published).
+    """
+    out = []
+    for split in ("train", "val"):
+        for i, spec in enumerate(getattr(cfg.data, split)):
+            p = cfg.data.resolve(spec.path)
+            if not p.exists():
+                if spec.synth is not None:
+                    from bbem.synth import write_synthetic
+
+                    write_synthetic(p, tuple(spec.synth.shape), spec.synth.seed)
+                else:
+                    hint = "fix data.root or the path"
+                    if _is_cremi(p):
+                        hint = (
+                            f"download the CREMI samples ({', '.join(CREMI_FILES)}) from "
+                            f"{CREMI_URL} into {p.parent}, or set data.root"
+                        )
+                    raise UserError(
+                        f"data file {p.name} not found: data.{split}[{i}].path {spec.path!r} "
+                        f"is expected at {p}; {hint}"
+                    )
+            out.append(p)
     return out

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
-from bbem.config import apply_overrides
+import pytest
+import yaml
+
+from bbem.config import BBSection, RunConfig, apply_overrides, load_config, resolve_volumes
 from bbem.errors import UserError
+from bbem.model import DEFAULT_MODEL
 
 
 def test_apply_overrides_parses_yaml_values_and_copies():
@@ -27,3 +31,225 @@ def test_apply_overrides_errors():
         apply_overrides({}, ["bb.density"])
     with pytest.raises(UserError, match="empty part"):
         apply_overrides({}, ["bb..density=1"])
+
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("**/*.yaml"))
+EM_CONFIGS = [p for p in CONFIGS if p.name not in ("asr.yaml", "faceid.yaml")]
+
+
+@pytest.fixture
+def demo(monkeypatch) -> Path:
+    monkeypatch.chdir(REPO)
+    return REPO / "configs" / "demo.yaml"
+
+
+@pytest.mark.parametrize("path", EM_CONFIGS, ids=lambda p: str(p.relative_to(REPO / "configs")))
+def test_shipped_configs_validate_and_round_trip(path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    cfg = load_config(path)
+    f = cfg.model.downsample_factor()
+    assert all(s % k == 0 for s, k in zip(cfg.data.patch_size, f))
+    # the saved config.yaml reads back to the same config
+    again = RunConfig.from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))
+    assert again == cfg
+    assert Path(cfg.data.root).is_absolute()
+
+
+def test_at_least_the_required_configs_exist():
+    names = {str(p.relative_to(REPO / "configs")) for p in CONFIGS}
+    assert {"demo.yaml", "cremi.yaml"} <= names
+    assert {f"bench/real_{m}.yaml" for m in ("dense", "bb", "magnitude", "random")} <= names
+
+
+def test_bench_configs_differ_only_in_method(monkeypatch):
+    monkeypatch.chdir(REPO)
+    dicts = [
+        load_config(REPO / f"configs/bench/real_{m}.yaml").to_dict()
+        for m in ("dense", "bb", "magnitude", "random")
+    ]
+    for d in dicts:
+        d.pop("name")
+        d["bb"].pop("method")
+    assert all(d == dicts[0] for d in dicts)
+    assert dicts[0]["data"]["train"][0]["z_range"] == [0, 14]
+    assert dicts[0]["data"]["val"][0]["z_range"] == [14, 20]
+
+
+def test_bench_configs_find_the_real_data(shared_data, monkeypatch):
+    monkeypatch.chdir(REPO)
+    cfg = load_config(REPO / "configs/bench/real_bb.yaml")
+    if shared_data.resolve() != (REPO.parent / "shared" / "data").resolve():
+        pytest.skip("real data moved by BBEM_SHARED_DATA; the config's relative path differs")
+    assert resolve_volumes(cfg) == [shared_data.resolve() / "vnc-stack1-left.hdf"] * 2
+
+
+def test_cremi_missing_files_say_where_and_how(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(REPO / "configs" / "cremi.yaml")
+    with pytest.raises(UserError) as e:
+        resolve_volumes(cfg)
+    msg = str(e.value)
+    assert "sample_A_20160501.hdf" in msg
+    assert str(tmp_path / "data" / "cremi") in msg
+    assert "https://cremi.org/data/" in msg
+    assert "\n" not in msg
+    assert [v.path for v in cfg.data.train] == ["sample_A_20160501.hdf", "sample_B_20160501.hdf"]
+    assert [v.path for v in cfg.data.val] == ["sample_C_20160501.hdf"]
+
+
+def test_missing_plain_file_names_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = RunConfig.from_dict(
+        {
+            "name": "x",
+            "data": {"train": [{"path": "a.zarr"}], "val": [{"path": "/abs/b.zarr"}]},
+            "train": {"steps": 1},
+        }
+    )
+    with pytest.raises(UserError, match=r"a\.zarr not found.*data\.train\[0\]\.path"):
+        resolve_volumes(cfg)
+
+
+def test_synth_volumes_are_made_when_missing(tmp_path, monkeypatch):
+    pytest.importorskip("bbem.synth")
+    monkeypatch.chdir(tmp_path)
+    cfg = RunConfig.from_dict(
+        {
+            "name": "x",
+            "data": {
+                "root": "d",
+                "train": [{"path": "t.zarr", "synth": {"shape": [4, 64, 64], "seed": 3}}],
+                "val": [{"path": "t.zarr"}],
+            },
+            "train": {"steps": 1},
+        }
+    )
+    paths = resolve_volumes(cfg)
+    assert paths == [tmp_path / "d" / "t.zarr"] * 2
+    assert paths[0].exists()
+    from bbem.volumes import open_volume
+
+    assert open_volume(paths[0], "volumes/raw").shape == (4, 64, 64)
+
+
+def test_overrides_apply_before_validation(demo):
+    cfg = load_config(demo, ["model.channels=[16,32,64,128]", "bb.density=0.3", "train.steps=7"])
+    assert cfg.model.channels == [16, 32, 64, 128]
+    assert cfg.bb.density == 0.3
+    assert cfg.train.steps == 7
+    cfg = load_config(demo, ["data.train.0.z_range=[0,10]"])
+    assert cfg.data.train[0].z_range == (0, 10)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("bb.densty=0.3", "config error: bb.densty is not a field; did you mean bb.density?"),
+        ("bb.density=1.5", "config error: bb.density must be in (0, 1], got 1.5"),
+        ("bb.density=0", "config error: bb.density must be in (0, 1], got 0"),
+        ("augment.flip=0.2", "augment.flip is not a field; did you mean augment.flips?"),
+        (
+            "data.train.0.rawkey=a",
+            "data.train[0].rawkey is not a field; did you mean data.train[0].raw_key?",
+        ),
+        ("trian.steps=3", "trian is not a field; did you mean train?"),
+        ("zzz=3", "zzz is not a field; valid keys: name, data"),
+        (
+            "bb.method=magnitud",
+            "bb.method must be 'dense', 'bb', 'bb_tiers', 'magnitude' or 'random' (did you mean 'magnitude'?)",
+        ),
+        ("train.steps=0", "train.steps must be greater than 0, got 0"),
+        (
+            "data.patch_size=[15,128,128]",
+            "data.patch_size [15, 128, 128] must be a multiple of the model's downsample factor [2, 8, 8] along z, y, x: try [16, 128, 128]",
+        ),
+        ("data.patch_size=[16,128]", "data.patch_size is too short"),
+        (
+            "model.strides=[[1,2,2],[1,2],[2,2,2]]",
+            "model.strides[1] must be an integer or a [z, y, x] triple of integers, got [1, 2]",
+        ),
+        (
+            "model.channels=[8,16]",
+            "model.strides needs one entry per level below the top: 1 for channels [8, 16], got 3",
+        ),
+        ("loss.pos_weight=lots", "loss.pos_weight must be a number or 'auto', got 'lots'"),
+        ("loss.pos_weight=-1", "loss.pos_weight must be > 0 or 'auto', got -1"),
+        ("bb.density=null", "bb.density is required for method 'bb'"),
+        ("augment.noise=2", "augment.noise must be less than or equal to 1, got 2"),
+        (
+            "data.train.0.z_range=[5,2]",
+            "data.train[0].z_range must be [start, stop] with 0 <= start < stop, got [5, 2]",
+        ),
+        ("train=3", "train must be a section"),
+        ("train.device=gpu", "train.device must be 'auto', 'cpu' or 'cuda'"),
+    ],
+)
+def test_bad_values_fail_with_one_line_naming_the_key(demo, override, message):
+    with pytest.raises(UserError) as e:
+        load_config(demo, [override])
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_many_errors_report_the_first_and_count(demo):
+    with pytest.raises(UserError, match=r"and 1 more problem\)$"):
+        load_config(demo, ["bb.densty=0.3", "train.steps=-1"])
+
+
+def test_missing_and_unreadable_config_files(tmp_path):
+    with pytest.raises(UserError, match=r"config file .*nope\.yaml not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(UserError, match="must be a mapping"):
+        load_config(bad)
+    bad.write_text("name: x\ndata: {train: [{path: a}], val: [{path: b}]}\n")
+    with pytest.raises(UserError, match="config error: train is required"):
+        load_config(bad)
+
+
+def test_defaults_and_empty_sections(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    p = tmp_path / "c.yaml"
+    p.write_text(
+        "name: x\ndata: {train: [{path: a}], val: [{path: b}]}\ntrain: {steps: 5}\naugment:\n"
+    )
+    cfg = load_config(p)
+    assert cfg.model.model_dump(mode="json") == {**DEFAULT_MODEL}
+    assert cfg.data.patch_size == (16, 160, 160)
+    assert (cfg.data.batch_size, cfg.data.pos_fraction, cfg.data.workers) == (2, 0.8, 0)
+    assert cfg.bb.method == "dense" and cfg.bb_kwargs() is None
+    assert cfg.data.root == str(tmp_path.resolve())
+    assert cfg.data.resolve("a") == tmp_path.resolve() / "a"
+    assert cfg.data.resolve("/x/y") == Path("/x/y")
+    assert cfg.loss.pos_weight == 10.0 and cfg.optim.lr == 1e-3 and cfg.train.device == "auto"
+
+
+def test_bb_kwargs_build_the_cores_config(demo):
+    bb = pytest.importorskip("bbem.bb")
+    cfg = load_config(demo, ["bb.method=magnitude", "bb.mode=out", "bb.density=0.25"])
+    kw = cfg.bb_kwargs()
+    c = bb.BBConfig(**kw)
+    assert (c.method, c.mode, c.density, c.refresh_every) == ("magnitude", "out", 0.25, 25)
+    # the schema's defaults are the core's defaults
+    import dataclasses
+
+    core = {f.name: f.default for f in dataclasses.fields(bb.BBConfig) if f.name != "density"}
+    ours = BBSection(method="bb", density=0.5).model_dump()
+    assert {k: ours[k] for k in core} == core
+    assert set(ours) == set(core) | {"density"}
+
+
+def test_model_section_builds_a_model_that_fits_the_patch(demo):
+    import torch
+
+    from bbem.model import build_model
+
+    cfg = load_config(demo, ["data.patch_size=[8,32,32]"])
+    net = build_model(cfg.to_dict()["model"])
+    out = net(torch.zeros(1, 1, *cfg.data.patch_size))
+    assert out.shape == (1, 1, *cfg.data.patch_size)
