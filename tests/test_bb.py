@@ -1,0 +1,354 @@
+"""The Budgeted Broadcast core: budget, rule, regrowth, masking, state, bake, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from bb_nets import NETS, FeedForward, ResNet2d, batch_for
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from bbem.bb import BBConfig, attach_bb, balance_fit, binary_entropy, decorrelation
+from bbem.bb.controller import bb_degrees, solve_budget, topk_mask
+
+METHODS = ["bb", "bb_tiers", "magnitude", "random"]
+
+
+def _train(model, bb, x, steps, opt=None):
+    opt = opt or torch.optim.AdamW(model.parameters(), lr=1e-2)
+    bb.set_optimizer(opt)
+    model.train()
+    refreshed = []
+    for _ in range(steps):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+        if bb.step():
+            refreshed.append(bb.step_count)
+    return opt, refreshed
+
+
+@pytest.mark.parametrize("net", sorted(NETS))
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("mode", ["in", "out"])
+def test_exact_budget_after_every_refresh(net, method, mode):
+    torch.manual_seed(0)
+    model = NETS[net]()
+    cfg = BBConfig(density=0.37, method=method, mode=mode, refresh_every=2, ramp_steps=4, min_fan=1)
+    bb = attach_bb(model, cfg)
+    assert bb.layers, "no layer masked"
+    x = batch_for(net)
+    for _ in range(4):
+        _, refreshed = _train(model, bb, x, 2)
+        assert refreshed
+        d = bb.target_density()
+        for name, layer in bb.layers.items():
+            m = layer.mask.mask
+            want = round(d * m.numel())
+            # exact whenever min_fan allows it; never off by more than one edge per unit
+            assert abs(int(m.sum()) - want) <= (0 if want >= layer.units else layer.units), name
+            assert set(m.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_dense_layers_left_alone_where_fan_is_one():
+    model = NETS["unet3d"]()
+    bb = attach_bb(model, BBConfig(density=0.5), layers=(nn.Conv3d,))
+    for layer in bb.layers.values():
+        assert layer.c_in > 1 and layer.c_out > 1
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv3d)]
+    assert len(bb.layers) < len(convs)  # first conv (C_in 1) and output conv (C_out 1) skipped
+
+
+@pytest.mark.parametrize("mode", ["in", "out"])
+def test_rule_busier_units_keep_fewer_edges(mode):
+    torch.manual_seed(1)
+    layer = nn.Linear(64, 48)
+    with torch.no_grad():
+        layer.weight.fill_(0.1)
+    model = nn.Sequential(layer)
+    bb = attach_bb(model, BBConfig(density=0.5, mode=mode, spread=0.1, skip_unit_fan=False))
+    rec = bb.layers["0"]
+    a = torch.rand(rec.units) * 0.9 + 0.05
+    rec.on_rate.copy_(a)
+    bb.refresh()
+    deg = rec.unit_mask().sum(1)
+    order = torch.argsort(a)
+    assert torch.all(deg[order][1:] <= deg[order][:-1])  # higher on-rate -> never more edges
+
+
+def test_rule_fits_the_balance_line():
+    g = torch.Generator().manual_seed(3)
+    K, U = 256, 256
+    a = torch.rand(U, generator=g) * 0.5 + 0.25  # logit in about +-1.1: no clipping at spread 0.2
+    deg = bb_degrees(a, K, total=round(0.5 * U * K), spread=0.2, k_min=1, k_max=None)
+    assert int(deg.sum()) == round(0.5 * U * K)
+    assert deg.min() > 1 and deg.max() < K
+    fit = balance_fit(a, deg, K)
+    assert fit["r2"] > 0.95
+    # log((1-a)/a) = beta k with beta K = 1 / spread: the paper's balance line
+    assert fit["slope"] == pytest.approx(1 / 0.2, rel=0.05)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    u=st.integers(1, 40),
+    k=st.integers(1, 40),
+    density=st.floats(0.01, 1.0),
+    seed=st.integers(0, 1000),
+    spread=st.floats(0.01, 5.0),
+)
+def test_solve_budget_properties(u, k, density, seed, spread):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.rand(u, generator=g)
+    total = round(density * u * k)
+    deg = bb_degrees(a, k, total, spread, k_min=1, k_max=None)
+    assert deg.min() >= min(1, k) and deg.max() <= k
+    assert int(deg.sum()) == max(total, u * min(1, k))
+    order = torch.argsort(a.clamp(1e-4, 1 - 1e-4))
+    assert torch.all(deg[order][1:] <= deg[order][:-1])
+
+
+def test_solve_budget_respects_caps():
+    deg = solve_budget(
+        torch.zeros(4, dtype=torch.float64),
+        torch.ones(4, dtype=torch.float64),
+        torch.zeros(4, dtype=torch.float64),
+        torch.tensor([1.0, 10, 10, 10]),
+        total=20,
+    )
+    assert deg.tolist()[0] == 1 and int(deg.sum()) == 20
+
+
+def test_topk_mask_counts_and_choice():
+    scores = torch.tensor([[3.0, 1.0, 2.0], [0.0, 5.0, 4.0]])
+    m = topk_mask(scores, torch.tensor([2, 1]))
+    assert m.tolist() == [[1, 0, 1], [0, 1, 0]]
+
+
+@pytest.mark.parametrize("regrow", [True, False])
+def test_regrowth(regrow):
+    layer = nn.Linear(8, 4, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.arange(1, 9.0).repeat(4, 1))
+    model = nn.Sequential(layer)
+    bb = attach_bb(
+        model, BBConfig(density=0.5, method="magnitude", regrow=regrow, skip_unit_fan=False)
+    )
+    bb.refresh()
+    m0 = bb.layers["0"].mask.mask.clone()
+    assert m0[:, 0].sum() == 0  # smallest edge pruned
+    with torch.no_grad():
+        layer.parametrizations.weight.original[:, 0] = 100.0
+    bb.refresh()
+    m1 = bb.layers["0"].mask.mask
+    assert int(m1.sum()) == int(m0.sum())
+    if regrow:
+        assert m1[:, 0].sum() == 4  # came back
+    else:
+        assert m1[:, 0].sum() == 0  # never does
+
+
+@pytest.mark.parametrize("opt_name", ["Adam", "AdamW"])
+def test_masked_edges_zero_weight_zero_grad(opt_name):
+    torch.manual_seed(0)
+    model = ResNet2d()
+    opt = getattr(torch.optim, opt_name)(model.parameters(), lr=1e-2, weight_decay=1e-2)
+    bb = attach_bb(model, BBConfig(density=0.4, refresh_every=100, method="random"), optimizer=opt)
+    x = batch_for("resnet2d")
+    _train(model, bb, x, 3, opt)  # dense warm steps build up Adam moments
+    bb.refresh()
+    for _ in range(5):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        for layer in bb.layers.values():
+            mask = layer.mask.mask.bool()
+            w = layer.module.weight
+            g = layer.module.parametrizations.weight.original.grad
+            off = ~mask
+            assert torch.all(w[off] == 0)
+            assert torch.all(g[off] == 0)
+        opt.step()
+        for layer in bb.layers.values():
+            assert torch.all(layer.module.weight[~layer.mask.mask.bool()] == 0)
+
+
+def test_optimizer_moments_reset_for_changed_edges():
+    torch.manual_seed(0)
+    model = FeedForward()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    bb = attach_bb(
+        model, BBConfig(density=0.5, method="magnitude", refresh_every=1000), optimizer=opt
+    )
+    _train(model, bb, batch_for("ffn"), 3, opt)
+    bb.refresh()
+    for layer in bb.layers.values():
+        p = layer.module.parametrizations.weight.original
+        pruned = ~layer.mask.mask.bool()
+        assert torch.all(opt.state[p]["exp_avg"][pruned] == 0)
+        assert torch.all(opt.state[p]["exp_avg_sq"][pruned] == 0)
+        assert opt.state[p]["exp_avg_sq"][~pruned].abs().sum() > 0
+
+
+def test_schedule_warmup_ramp_and_interval():
+    model = FeedForward()
+    bb = attach_bb(model, BBConfig(density=0.2, warmup_steps=3, ramp_steps=10, refresh_every=5))
+    assert bb.target_density(0) == 1.0 and bb.target_density(2) == 1.0
+    assert bb.target_density(3) == pytest.approx(1.0)
+    assert bb.target_density(8) == pytest.approx(0.2 + 0.8 * 0.5**3)
+    assert bb.target_density(13) == pytest.approx(0.2) and bb.target_density(100) == 0.2
+    _, refreshed = _train(model, bb, batch_for("ffn"), 14)
+    assert refreshed == [3, 8, 13]
+    assert all(torch.all(layer.mask.mask == 1) for layer in bb.layers.values()) is False
+
+
+def test_warmup_is_dense_and_tracks_on_rates():
+    model = FeedForward()
+    bb = attach_bb(model, BBConfig(density=0.3, warmup_steps=10, ema=0.5))
+    _train(model, bb, batch_for("ffn"), 5)
+    for layer in bb.layers.values():
+        assert torch.all(layer.mask.mask == 1)
+        assert not torch.allclose(layer.on_rate, torch.full_like(layer.on_rate, 0.5))
+
+
+def test_on_rate_is_measured_after_the_activation():
+    conv = nn.Conv2d(2, 3, 1)
+    model = nn.Sequential(conv, nn.BatchNorm2d(3, affine=False), nn.ReLU(), nn.Conv2d(3, 2, 1))
+    bb = attach_bb(model, BBConfig(density=0.5, ema=0.0), layers=["0"])
+    rec = bb.layers["0"]
+    assert not rec.probe.fallback
+    model.train()
+    x = torch.randn(64, 2, 4, 4)
+    model(x)
+    bb.step()
+    # BatchNorm centres each channel, so about half the positions are on after the ReLU
+    assert torch.allclose(rec.on_rate, torch.full((3,), 0.5), atol=0.1)
+
+
+def test_on_rate_fallback_and_fan_out_probe():
+    lin = nn.Linear(4, 3)
+    with torch.no_grad():
+        lin.weight.zero_()
+        lin.bias.copy_(torch.tensor([1.0, -1.0, 1.0]))
+    model = nn.Sequential(lin)
+    bb = attach_bb(model, BBConfig(density=0.5, ema=0.0, skip_unit_fan=False))
+    model.train()
+    model(torch.randn(8, 4))
+    bb.step()
+    assert bb.layers["0"].on_rate.tolist() == [1.0, 0.0, 1.0]
+
+    lin2 = nn.Linear(3, 5)
+    model2 = nn.Sequential(lin2)
+    bb2 = attach_bb(model2, BBConfig(density=0.5, ema=0.0, mode="out", skip_unit_fan=False))
+    x = torch.tensor([[1.0, -1.0, 0.5], [1.0, -2.0, -0.5]])
+    model2.train()
+    model2(x)
+    bb2.step()
+    assert bb2.layers["0"].on_rate.tolist() == [1.0, 0.0, 0.5]
+
+
+def test_eval_forwards_do_not_move_on_rates():
+    model = FeedForward()
+    bb = attach_bb(model, BBConfig(density=0.5))
+    model.eval()
+    model(batch_for("ffn"))
+    bb.step()
+    assert all(torch.all(layer.on_rate == 0.5) for layer in bb.layers.values())
+
+
+@pytest.mark.parametrize("net", sorted(NETS))
+def test_bake_keeps_outputs_and_leaves_a_plain_model(net):
+    torch.manual_seed(0)
+    model = NETS[net]()
+    bb = attach_bb(model, BBConfig(density=0.5, refresh_every=2))
+    x = batch_for(net)
+    _train(model, bb, x, 4)
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+    bb.bake()
+    with torch.no_grad():
+        after = model(x)
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
+    assert not any(hasattr(m, "parametrizations") for m in model.modules())
+    assert all(
+        k.endswith(("weight", "bias")) or "running" in k or "num_batches" in k
+        for k in model.state_dict()
+    )
+    with pytest.raises(RuntimeError):
+        bb.step()
+
+
+def test_modes_override_per_layer():
+    model = FeedForward()
+    bb = attach_bb(model, BBConfig(density=0.5, mode="in"), modes={"ff2": "out"})
+    assert bb.layers["ff1"].mode == "in" and bb.layers["ff2"].mode == "out"
+    assert bb.layers["ff2"].units == 32
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"density": 0.5, "method": "lottery"}, "method"),
+        ({"density": 0.5, "mode": "sideways"}, "mode"),
+        ({"density": 0.0}, "density"),
+        ({"density": 1.5}, "density"),
+        ({"density": 0.5, "rescale": "cube"}, "rescale"),
+    ],
+)
+def test_bad_config_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        BBConfig(**kwargs)
+
+
+def test_bad_layers_and_attaching_twice():
+    model = nn.Sequential(nn.ConvTranspose2d(4, 4, 3), nn.Conv2d(4, 4, 3, groups=2), nn.LSTM(4, 4))
+    with pytest.raises(ValueError, match="ConvTranspose2d"):
+        attach_bb(model, BBConfig(density=0.5), layers=(nn.ConvTranspose2d,))
+    with pytest.raises(ValueError, match="LSTM"):
+        attach_bb(model, BBConfig(density=0.5), layers=(nn.LSTM,))
+    with pytest.raises(ValueError, match="grouped"):
+        attach_bb(model, BBConfig(density=0.5), layers=["1"])
+    ff = FeedForward()
+    attach_bb(ff, BBConfig(density=0.5))
+    with pytest.raises(ValueError, match="twice"):
+        attach_bb(ff, BBConfig(density=0.5))
+    with pytest.raises(ValueError, match="no layer"):
+        attach_bb(nn.Sequential(nn.ReLU()), BBConfig(density=0.5))
+
+
+def test_diagnostics_against_numpy():
+    assert binary_entropy(torch.tensor([0.0, 0.5, 1.0])).tolist() == [0.0, 1.0, 0.0]
+    a = torch.tensor([0.1, 0.3])
+    want = -(0.1 * math.log2(0.1) + 0.9 * math.log2(0.9))
+    assert float(binary_entropy(a)[0]) == pytest.approx(want, rel=1e-5)
+
+    rng = np.random.default_rng(0)
+    means = rng.normal(size=(50, 6))
+    means[:, 1] = means[:, 0] * 2 + 0.01 * rng.normal(size=50)
+    r = np.corrcoef(means.T)
+    want = np.abs(r[~np.eye(6, dtype=bool)]).mean()
+    assert decorrelation(torch.tensor(means)) == pytest.approx(want, rel=1e-9)
+
+    k = rng.integers(1, 64, size=30)
+    on = rng.uniform(0.05, 0.95, size=30)
+    fit = balance_fit(torch.tensor(on), torch.tensor(k), 64)
+    y = np.log((1 - on) / on)
+    slope, intercept = np.polyfit(k / 64, y, 1)
+    assert fit["slope"] == pytest.approx(slope) and fit["intercept"] == pytest.approx(intercept)
+
+
+def test_stats_and_summary_shapes():
+    model = FeedForward()
+    bb = attach_bb(model, BBConfig(density=0.5, refresh_every=1), modes={"ff2": "out"})
+    _train(model, bb, batch_for("ffn"), 2)
+    st = bb.stats()
+    assert st["ff1"]["fan_in"].shape == (32,) and st["ff1"]["fan_out"].shape == (16,)
+    assert st["ff1"]["on_rate"].shape == (32,) and st["ff2"]["on_rate"].shape == (32,)
+    assert st["ff1"]["density"] == pytest.approx(0.5)
+    s = bb.summary()
+    assert s["density"] == pytest.approx(0.5) and 0 < s["model_param_density"] < 1
+    assert set(st["ff1"]["balance"]) >= {"slope", "intercept", "r2"}
