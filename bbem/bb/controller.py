@@ -138,6 +138,6 @@ def topk_mask(scores: Tensor, degrees: Tensor) -> Tensor:
     Returns a float ``[U, K]`` mask with exactly ``degrees[u]`` ones in row ``u``.
     """
     K = scores.shape[1]
-    order = torch.argsort(scores, dim=1, descending=True, stable=True)
+    order = torch.argsort(scores, dim=1, descending=True)
     keep = torch.arange(K, device=scores.device)[None, :] < degrees.to(scores.device)[:, None]
     return torch.zeros_like(scores, dtype=torch.float32).scatter_(1, order, keep.float())
