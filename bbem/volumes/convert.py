@@ -1,0 +1,233 @@
+"""``bbem convert``: any supported volume -> OME-Zarr v3 (or tiff), chunk by chunk, verified.
+
+Memory stays bounded whatever the volume size: data moves in chunk-aligned blocks no larger
+than ``max_memory / 4`` (room for the block, its encoded chunks and the verification read).
+Each block's hash is kept while writing; once everything is written the output is read back
+block by block and compared, before the temporary output is renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from bbem.atomic import atomic_output, check_output
+from bbem.errors import UserError
+from bbem.volumes.base import Volume, check_finite, check_same_shape
+from bbem.volumes.hdf5_io import list_datasets
+from bbem.volumes.io import detect_format, iter_blocks, open_volume, split_uri
+from bbem.volumes.tiff_io import TIFF_SUFFIXES, write_tiff
+from bbem.volumes.zarr_io import (
+    _list_keys,
+    _ome_multiscales,
+    create_container,
+    default_chunks,
+    init_ome_image,
+)
+
+DEFAULT_MAX_MEMORY = 512 * 2**20
+
+
+def block_shape(
+    shape: Sequence[int], chunks: Sequence[int], itemsize: int, budget: int
+) -> tuple[int, int, int]:
+    """The largest chunk-aligned block (grown along x, then y, then z) within ``budget`` bytes.
+
+    Never smaller than one chunk: a chunk is the unit zarr writes.
+    """
+    block = [int(c) for c in chunks]
+    for axis in (2, 1, 0):
+        while block[axis] < shape[axis]:
+            grown = list(block)
+            grown[axis] = min(block[axis] + chunks[axis], shape[axis])
+            if int(np.prod(grown)) * itemsize > budget:
+                break
+            block = grown
+        if block[axis] < shape[axis]:
+            break  # growing an outer axis only pays once the inner one spans the volume
+    return tuple(block)  # type: ignore[return-value]
+
+
+def _digest(block: np.ndarray) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(block).data, digest_size=16).digest()
+
+
+def _source_volumes(input: str | os.PathLike, key: str | None) -> dict[str, Volume]:
+    """The volumes to convert, by output key ('' = the output root is the image)."""
+    container, inner = split_uri(input)
+    if key or inner:
+        return {"": open_volume(input, key=key)}
+    fmt = detect_format(container)
+    if fmt == "hdf5":
+        import h5py
+
+        with h5py.File(container, "r") as f:
+            keys = [k for k in list_datasets(f) if f[k].ndim == 3]
+    elif fmt == "zarr":
+        import zarr
+
+        node = zarr.open(str(container), mode="r")
+        if isinstance(node, zarr.Array) or _ome_multiscales(dict(node.attrs)) is not None:
+            return {"": open_volume(container)}
+        keys = _list_keys(node)
+    else:
+        return {"": open_volume(container)}
+    # A CREMI file also holds 1D/2D annotation tables: convert the volumes.
+    volumes_only = [k for k in keys if k.startswith("volumes/")]
+    keys = volumes_only or keys
+    if not keys:
+        raise UserError(f"{input} holds no 3D datasets to convert")
+    if len(keys) == 1:
+        return {"": open_volume(container, key=keys[0])}
+    vols = {k: open_volume(container, key=k) for k in keys}
+    check_same_shape(*vols.values())
+    return vols
+
+
+def convert(
+    input: str | os.PathLike,
+    output: str | os.PathLike,
+    key: str | None = None,
+    chunks: Sequence[int] | None = None,
+    overwrite: bool = False,
+    max_memory: int = DEFAULT_MAX_MEMORY,
+    progress: bool = True,
+) -> dict[str, Volume]:
+    """Copy ``input`` to ``output`` in bounded memory and verify the copy.
+
+    A container (CREMI hdf5, zarr group) without ``key`` is converted whole into the same key
+    layout (``volumes/raw``, ``volumes/labels/...``); a single volume becomes an OME-Zarr image
+    at the output root, or a tiff if ``output`` ends in .tif/.tiff. Cleft labels are written
+    with background 0. Returns the output volumes, opened, by key.
+    """
+    out = Path(output)
+    sources = _source_volumes(input, key)
+    try:
+        check_output(out, overwrite)
+        if out.resolve() == split_uri(input)[0].resolve():
+            raise UserError(f"output {out} is the input: choose another path")
+        to_tiff = out.suffix.lower() in TIFF_SUFFIXES
+        if to_tiff and len(sources) > 1:
+            raise UserError(
+                f"{input} holds {len(sources)} volumes ({', '.join(sources)}) but a tiff holds "
+                "one: write zarr, or choose one with --key"
+            )
+        if chunks is not None and (len(chunks) != 3 or min(chunks) <= 0):
+            raise UserError(f"--chunks must be three positive integers z,y,x, got {chunks}")
+        budget = max(1, int(max_memory) // 4)
+        plans = {}
+        for k, vol in sources.items():
+            c = (1, *vol.shape[1:]) if to_tiff else tuple(chunks or default_chunks(vol.shape))
+            c = tuple(max(1, min(a, s)) for a, s in zip(c, vol.shape))
+            blk = c if to_tiff else block_shape(vol.shape, c, vol.dtype.itemsize, budget)
+            plans[k] = (c, blk, list(iter_blocks(vol.shape, blk)))
+        total = 2 * sum(len(p[2]) for p in plans.values())
+        with (
+            atomic_output(out, overwrite) as tmp,
+            Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                disable=not progress,
+                transient=False,
+            ) as bar,
+        ):
+            task = bar.add_task(f"convert {Path(os.fspath(input)).name}", total=total)
+            digests: dict[str, list[bytes]] = {}
+            if to_tiff:
+                ((k, vol),) = sources.items()
+                digests[k] = []
+
+                def pages() -> Any:
+                    for sl in plans[k][2]:
+                        block = vol[sl]
+                        check_finite(block, vol.name, (sl[0].start,))
+                        digests[k].append(_digest(block))
+                        bar.advance(task)
+                        yield block[0]
+
+                write_tiff(tmp, pages(), vol.shape, vol.dtype, vol.voxel_size, vol.offset)
+            else:
+                root = create_container(tmp)
+                for k, vol in sources.items():
+                    group = root.require_group(k) if k else root
+                    name = (k or Path(vol.name.split(":")[-1]).name).split("/")[-1]
+                    arr = init_ome_image(
+                        group,
+                        vol.shape,
+                        vol.dtype,
+                        plans[k][0],
+                        vol.voxel_size,
+                        vol.offset,
+                        name=name,
+                    )
+                    digests[k] = []
+                    for sl in plans[k][2]:
+                        block = vol[sl]
+                        check_finite(block, vol.name, tuple((s.start, s.stop) for s in sl))
+                        arr[sl] = block
+                        digests[k].append(_digest(block))
+                        del block
+                        bar.advance(task)
+            for k, vol in sources.items():
+                bar.update(task, description=f"verify {k or out.name}")
+                uri = tmp if not k else f"{tmp}/{k}"
+                with open_volume(uri) as copy:
+                    _verify(vol, copy, plans[k][2], digests[k], bar, task)
+    finally:
+        for vol in sources.values():
+            vol.close()
+    if out.suffix.lower() in TIFF_SUFFIXES or len(sources) == 1:
+        return {"": open_volume(out)}
+    return {k: open_volume(out, key=k) for k in sources}
+
+
+def _verify(
+    src: Volume, copy: Volume, blocks: list, digests: list[bytes], bar: Progress, task: Any
+) -> None:
+    if copy.shape != src.shape or copy.dtype != src.dtype:
+        raise RuntimeError(
+            f"verification failed: {copy.name} is {copy.shape} {copy.dtype}, "
+            f"source {src.shape} {src.dtype}"
+        )
+    if not np.allclose(copy.voxel_size, src.voxel_size):
+        raise RuntimeError(f"verification failed: voxel size {copy.voxel_size} != {src.voxel_size}")
+    for sl, d in zip(blocks, digests):
+        if _digest(copy[sl]) != d:
+            raise RuntimeError(f"verification failed: block {sl} of {copy.name} differs")
+        bar.advance(task)
+
+
+def convert_from_cli(
+    input: str,
+    output: str,
+    key: str | None = None,
+    chunks: Sequence[int] | None = None,
+    overwrite: bool = False,
+) -> None:
+    """``bbem convert INPUT OUTPUT [--key K] [--chunks z,y,x] [--overwrite]``."""
+    outs = convert(input, output, key=key, chunks=chunks, overwrite=overwrite)
+    console = Console()
+    for vol in outs.values():
+        vs = "x".join(f"{v:g}" for v in vol.voxel_size)
+        console.print(
+            f"wrote {vol.name}: {'x'.join(map(str, vol.shape))} {vol.dtype}, "
+            f"voxel {vs} nm, chunks {vol.chunks} (verified)"
+        )
+        vol.close()
