@@ -279,10 +279,15 @@ class AugmentConfig(_Section):
     flips: Prob = 0.5
     #: In-plane (y-x) quarter turns and transposes only: EM z is ~10x coarser than y, x.
     rot90: Prob = 0.5
-    #: In-plane elastic deformation; off by default, it is slow on CPU.
+    #: In-plane (y-x) elastic deformation with a small rotation, the same for every section;
+    #: off by default, it is slow on CPU.
     elastic: Prob = 0.0
-    elastic_sigma: tuple[float, float] = (6.0, 10.0)
-    elastic_magnitude: tuple[float, float] = (20.0, 60.0)
+    #: Pixels between the control points of the random deformation grid.
+    elastic_spacing: int = Field(48, ge=4)
+    #: Control-point displacement range, in pixels.
+    elastic_magnitude: tuple[float, float] = (0.0, 4.0)
+    #: Largest in-plane rotation, in degrees.
+    elastic_rotate: float = Field(15.0, ge=0.0, le=180.0)
     intensity: Prob = 0.5
     intensity_scale: float = Field(0.1, ge=0.0)
     intensity_shift: float = Field(0.1, ge=0.0)
@@ -349,6 +354,11 @@ class RunConfig(_Section):
             raise ValueError(
                 f"data.patch_size {list(p)} must be a multiple of the model's downsample factor "
                 f"{list(f)} along z, y, x: try {fix}"
+            )
+        if self.augment.enabled and self.augment.rot90 > 0 and p[1] != p[2]:
+            raise ValueError(
+                f"data.patch_size {list(p)} has y != x, but augment.rot90 turns patches a quarter "
+                "turn in y-x: make y and x equal or set augment.rot90: 0"
             )
         return self
 

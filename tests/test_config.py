@@ -134,6 +134,8 @@ def test_synth_volumes_are_made_when_missing(tmp_path, monkeypatch):
 
 
 def test_overrides_apply_before_validation(demo):
+    cfg = load_config(demo, ["data.patch_size=[16,128,64]", "augment.rot90=0"])
+    assert cfg.data.patch_size == (16, 128, 64)
     cfg = load_config(demo, ["model.channels=[16,32,64,128]", "bb.density=0.3", "train.steps=7"])
     assert cfg.model.channels == [16, 32, 64, 128]
     assert cfg.bb.density == 0.3
@@ -183,6 +185,7 @@ def test_overrides_apply_before_validation(demo):
         ),
         ("train=3", "train must be a section"),
         ("train.device=gpu", "train.device must be 'auto', 'cpu' or 'cuda'"),
+        ("data.patch_size=[16,128,64]", "has y != x, but augment.rot90 turns patches"),
     ],
 )
 def test_bad_values_fail_with_one_line_naming_the_key(demo, override, message):
