@@ -1,0 +1,379 @@
+"""``evaluate``: voxel, object and CREMI measures of a prediction in one streaming pass.
+
+The volume is read in z-slabs of whole sections (about ``slab_voxels`` voxels each, aligned to
+the prediction's chunks), so memory is bounded by a slab plus what the measures keep (256-bin
+histograms, per-object sums, cleft boundary coordinates), whatever the volume's depth.
+
+Protocol (stated again in every result under ``"protocol"``):
+
+- headline, as the paper: voxel-wise PR-AUC and F1, no connected-component post-processing;
+- objects: components (cc3d, ``connectivity``) of the prediction at ``threshold``, those smaller
+  than ``min_size`` voxels dropped; truth instances are its label ids, or its components when
+  it is binary; one-to-one matching at IoU > 0.2 and > 0.5;
+- CREMI: predicted cleft = probability at ``threshold``, distances in nm (see bbem.metrics.cremi);
+- only voxels inside the mask and ``margin`` voxels away from every border are scored; CREMI
+  distances still see clefts in the unscored border, so a voxel at the edge is not penalised
+  for a partner just outside it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bbem.atomic import atomic_output
+from bbem.errors import UserError
+from bbem.metrics.cremi import CremiDistances
+from bbem.metrics.objects import Objects, Overlaps, object_metrics
+from bbem.metrics.voxel import PRHistogram, as_levels, cleft_mask
+
+
+def evaluate(
+    prediction: Any,
+    truth: Any,
+    mask: Any = None,
+    voxel_size: Sequence[float] | None = None,
+    margin: Sequence[int] | None = None,
+    threshold: float = 0.5,
+    *,
+    min_size: int = 100,
+    connectivity: int = 26,
+    iou_thresholds: Sequence[float] = (0.2, 0.5),
+    match_distance_nm: float | None = None,
+    cremi_distance_nm: float = 200.0,
+    truth_instances: str = "auto",
+    slab_voxels: int = 16_000_000,
+    max_cremi_points: int = 30_000_000,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Every measure of ``prediction`` against ``truth`` (``Volume``, numpy, zarr or h5py
+    arrays of shape z, y, x).
+
+    ``prediction``: uint8 levels 0-255 or float probabilities 0-1. ``truth``: cleft labels
+    (nonzero is cleft; CREMI's 2**64-1 is background) or a bool mask. ``mask``: voxels to score
+    (nonzero). ``voxel_size``: nm (z, y, x); default the truth's, else the prediction's, else 1.
+    ``margin``: voxels (z, y, x) not scored at each border. ``threshold``: probability for the
+    object and CREMI measures (a voxel is cleft when ``round(255 p) >= round(255 threshold)``).
+
+    Returns ``{"voxel": {...}, "object": {...}, "cremi": {...}, "protocol": {...}}``.
+    """
+    t_start = time.perf_counter()
+    names = {"prediction": _name(prediction, "prediction"), "truth": _name(truth, "truth")}
+    shape = _shape(prediction, "prediction")
+    if _shape(truth, "truth") != shape:
+        raise UserError(
+            f"prediction shape {shape} and truth shape {_shape(truth, 'truth')} disagree: "
+            "evaluate a prediction of the same region as the labels"
+        )
+    if mask is not None and _shape(mask, "mask") != shape:
+        raise UserError(f"mask shape {_shape(mask, 'mask')} and prediction shape {shape} disagree")
+    if not 0 <= threshold <= 1 or math.isnan(threshold):
+        raise UserError(f"threshold must be a probability in [0, 1], got {threshold}")
+    if truth_instances not in ("auto", "labels", "components"):
+        raise UserError(
+            f"truth_instances must be auto, labels or components, got {truth_instances!r}"
+        )
+    margin_t = _margin(margin, shape)
+    vs, vs_source = _voxel_size(voxel_size, truth, prediction)
+    level = round(threshold * 255)
+    truth_dtype = np.dtype(getattr(truth, "dtype", np.asarray(truth[0:1]).dtype))
+    label_ok = truth_dtype.kind in "iu" and truth_instances != "components"
+    cc_ok = truth_instances != "labels" or not label_ok
+
+    hist = PRHistogram()
+    pred_obj = Objects("components", connectivity)
+    truth_cc = Objects("components", connectivity) if cc_ok else None
+    truth_lab = Objects("labels") if label_ok else None
+    ov_cc, ov_lab = Overlaps(), Overlaps()
+    cremi = CremiDistances(vs, cremi_distance_nm, max_cremi_points)
+
+    z_total = shape[0]
+    step = _slab_depth(shape, getattr(prediction, "chunks", None), slab_voxels)
+    with _progress(progress, z_total, names["prediction"]) as advance:
+        for z0 in range(0, z_total, step):
+            z1 = min(z_total, z0 + step)
+            try:
+                p = as_levels(np.asarray(prediction[z0:z1]))
+            except UserError as e:
+                raise UserError(f"{names['prediction']} sections {z0}-{z1 - 1}: {e}") from None
+            t_raw = np.asarray(truth[z0:z1])
+            tb = cleft_mask(t_raw)
+            scored = _scored(mask, margin_t, shape, z0, z1)
+            hist.update(p, tb, scored)
+            pb = p >= level
+            pb_s, tb_s = (pb, tb) if scored is None else (pb & scored, tb & scored)
+            pid = pred_obj.add(pb_s, z0)
+            if truth_cc is not None:
+                ov_cc.add(pid, truth_cc.add(tb_s, z0))
+            if truth_lab is not None:
+                lab = np.where(tb_s, t_raw, 0).astype(t_raw.dtype, copy=False)
+                ov_lab.add(pid, truth_lab.add(lab, z0))
+            cremi.add(pb, tb, scored, z0, last=z1 == z_total)
+            advance(z1 - z0)
+
+    if hist.n_voxels == 0:
+        raise UserError("no voxel is scored: the mask and margin leave nothing to evaluate")
+    if hist.n_positive == 0:
+        raise UserError(
+            f"truth {names['truth']} has no cleft voxel in the scored region: check the labels "
+            "dataset (e.g. volumes/labels/clefts), the mask and the margin"
+        )
+    if truth_lab is not None and (truth_cc is None or truth_lab.n_instances() > 1):
+        t_obj, ov, instances = truth_lab, ov_lab, "labels"
+    else:
+        t_obj, ov, instances = truth_cc, ov_cc, "components"
+    voxel = hist.result()
+    objects = object_metrics(
+        pred_obj,
+        t_obj,
+        ov,
+        min_size=min_size,
+        iou_thresholds=tuple(iou_thresholds),
+        match_distance_nm=match_distance_nm,
+        voxel_size=vs,
+    )
+    protocol = {
+        "headline": "voxel-wise PR-AUC and F1, no connected-component post-processing",
+        "pr_auc": "average precision (sklearn average_precision_score) over the 256 uint8 levels",
+        "threshold": threshold,
+        "threshold_level_u8": level,
+        "threshold_rule": "cleft where round(255 * p) >= threshold_level_u8",
+        "objects": {
+            "connectivity": connectivity,
+            "min_size_voxels": min_size,
+            "truth_instances": instances,
+            "matching": "one-to-one, most matches then best total (Hungarian)",
+            "rules": [f"IoU > {t:g}" for t in iou_thresholds]
+            + ([f"centroid distance <= {match_distance_nm:g} nm"] if match_distance_nm else []),
+        },
+        "cremi": {
+            "distance_nm": cremi_distance_nm,
+            "background": "0 and 2**64-1 (CREMI) are background",
+            "distances": "exact Euclidean distances in nm to the nearest voxel of the other set "
+            "anywhere in the volume (KD-tree over its boundary voxels)",
+            "score": "(ADGT + ADF) / 2",
+            "fscore": "F1 of precision 1 - FP/n_pred and recall 1 - FN/n_truth",
+        },
+        "voxel_size_nm": list(vs),
+        "voxel_size_from": vs_source,
+        "mask": _name(mask, "mask") if mask is not None else None,
+        "margin_voxels": list(margin_t),
+        "scored_voxels": hist.n_voxels,
+        "shape": list(shape),
+        "prediction": names["prediction"],
+        "truth": names["truth"],
+        "elapsed_s": round(time.perf_counter() - t_start, 3),
+    }
+    return {"voxel": voxel, "object": objects, "cremi": cremi.result(), "protocol": protocol}
+
+
+def evaluate_from_cli(
+    prediction: str,
+    truth: str,
+    mask: str | None = None,
+    json_path: str | None = None,
+    plot_path: str | None = None,
+    margin: Sequence[int] | None = None,
+    threshold: float = 0.5,
+) -> dict[str, Any]:
+    """``bbem evaluate``: open the volumes, evaluate, print a table, write JSON and PNG."""
+    from bbem.volumes import open_volume
+
+    pred_v = open_volume(prediction)
+    truth_v = open_volume(truth)
+    mask_v = open_volume(mask) if mask else None
+    result = evaluate(pred_v, truth_v, mask_v, margin=margin, threshold=threshold, progress=True)
+    print_table(result)
+    if json_path:
+        write_json(result, json_path)
+        print(f"wrote {json_path}")
+    if plot_path:
+        from bbem.metrics.plot import plot_pr_curve
+
+        plot_pr_curve(result["voxel"]["curve"], plot_path, title=f"{Path(prediction).name}")
+        print(f"wrote {plot_path}")
+    return result
+
+
+def write_json(result: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write a result as strict JSON (no NaN or Infinity: those become null), atomically."""
+    with atomic_output(path, overwrite=True) as tmp:
+        tmp.write_text(json.dumps(_json_safe(result), indent=2, allow_nan=False) + "\n")
+    return Path(path)
+
+
+def print_table(result: dict[str, Any], console: Any = None) -> None:
+    """The headline numbers as rich tables on the terminal."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    v, o, c, pr = result["voxel"], result["object"], result["cremi"], result["protocol"]
+    t = Table(title="voxel level (headline: no post-processing)", title_justify="left")
+    for col in ("PR-AUC", "F1 best", "at t", "F1 @0.5", "precision @0.5", "recall @0.5"):
+        t.add_column(col, justify="right")
+    t.add_row(
+        *(
+            f"{x:.4f}"
+            for x in (
+                v["pr_auc"],
+                v["f1_best"],
+                v["threshold_best"],
+                v["f1_05"],
+                v["precision_05"],
+                v["recall_05"],
+            )
+        )
+    )
+    console.print(t)
+    t = Table(
+        title=f"object level (t={pr['threshold']:g}, min size {pr['objects']['min_size_voxels']}, "
+        f"{o['n_pred']} predicted, {o['n_true']} true, {o['split']} split, {o['merged']} merged)",
+        title_justify="left",
+    )
+    for col in ("rule", "precision", "recall", "F1", "missed", "spurious"):
+        t.add_column(col, justify="right")
+    for r in o.values():
+        if isinstance(r, dict):
+            t.add_row(
+                r["rule"],
+                f"{r['precision']:.4f}",
+                f"{r['recall']:.4f}",
+                f"{r['f1']:.4f}",
+                str(r["missed"]),
+                str(r["spurious"]),
+            )
+    console.print(t)
+    t = Table(
+        title=f"CREMI clefts ({c['distance_nm']:g} nm, voxel size {pr['voxel_size_nm']} nm)",
+        title_justify="left",
+    )
+    if c.get("skipped"):
+        console.print(f"CREMI clefts: skipped: {c['skipped']}")
+    else:
+        for col in ("FP", "FN", "F-score", "ADF nm", "ADGT nm", "CREMI score"):
+            t.add_column(col, justify="right")
+        t.add_row(
+            str(c["fp"]),
+            str(c["fn"]),
+            f"{c['fscore']:.4f}",
+            _fmt(c["adf"]),
+            _fmt(c["adgt"]),
+            "n/a" if c["score"] is None else f"{c['score']:.2f}",
+        )
+        console.print(t)
+    console.print(
+        f"protocol: {pr['headline']}; scored {pr['scored_voxels']} voxels, margin "
+        f"{pr['margin_voxels']}, mask {pr['mask'] or 'none'}; {pr['elapsed_s']:.1f} s"
+    )
+
+
+def _fmt(stats: dict[str, float] | None) -> str:
+    return "n/a" if stats is None else f"{stats['mean']:.2f}"
+
+
+def _json_safe(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def _name(x: Any, default: str) -> str:
+    return str(getattr(x, "name", None) or default) if not isinstance(x, np.ndarray) else default
+
+
+def _shape(x: Any, what: str) -> tuple[int, ...]:
+    s = tuple(int(v) for v in getattr(x, "shape", np.shape(x)))
+    if len(s) != 3:
+        raise UserError(f"{what} has shape {s}: evaluate needs 3D volumes (z, y, x)")
+    if min(s) == 0:
+        raise UserError(f"{what} is empty (shape {s})")
+    return s
+
+
+def _margin(margin: Sequence[int] | None, shape: tuple[int, ...]) -> tuple[int, int, int]:
+    m = tuple(int(v) for v in (margin if margin is not None else (0, 0, 0)))
+    if len(m) != 3 or min(m) < 0:
+        raise UserError(f"margin must be three non-negative voxel counts z,y,x, got {margin}")
+    if any(2 * a >= s for a, s in zip(m, shape, strict=True)):
+        raise UserError(f"margin {list(m)} leaves no voxel of a volume of shape {list(shape)}")
+    return m  # type: ignore[return-value]
+
+
+def _voxel_size(
+    voxel_size: Sequence[float] | None, truth: Any, prediction: Any
+) -> tuple[tuple[float, float, float], str]:
+    if voxel_size is not None:
+        vs = tuple(float(v) for v in voxel_size)
+        if len(vs) != 3 or min(vs) <= 0:
+            raise UserError(f"voxel_size must be three positive nm values z,y,x, got {voxel_size}")
+        return vs, "argument"  # type: ignore[return-value]
+    for src, name in ((truth, "truth"), (prediction, "prediction")):
+        vs = getattr(src, "voxel_size", None)
+        if vs is not None and tuple(float(v) for v in vs) != (1.0, 1.0, 1.0):
+            return tuple(float(v) for v in vs), name  # type: ignore[return-value]
+    return (1.0, 1.0, 1.0), "unknown: 1 nm assumed"
+
+
+def _slab_depth(shape: tuple[int, ...], chunks: Any, slab_voxels: int) -> int:
+    """Sections per slab: ~``slab_voxels`` voxels, a multiple of the chunk depth when it fits."""
+    plane = shape[1] * shape[2]
+    depth = max(1, min(shape[0], slab_voxels // plane))
+    cz = int(chunks[0]) if chunks else 0
+    if 0 < cz <= depth:
+        depth = depth // cz * cz
+    return depth
+
+
+def _scored(
+    mask: Any, margin: tuple[int, int, int], shape: tuple[int, ...], z0: int, z1: int
+) -> np.ndarray | None:
+    """Voxels of sections ``z0:z1`` to score, or None when all are."""
+    if mask is None and not any(margin):
+        return None
+    s = np.ones((z1 - z0, *shape[1:]), dtype=bool) if mask is None else np.asarray(mask[z0:z1]) != 0
+    mz, my, mx = margin
+    if mz:
+        z = np.arange(z0, z1)
+        s[(z < mz) | (z >= shape[0] - mz)] = False
+    if my:
+        s[:, :my] = False
+        s[:, shape[1] - my :] = False
+    if mx:
+        s[:, :, :mx] = False
+        s[:, :, shape[2] - mx :] = False
+    return s
+
+
+class _progress:
+    """A rich progress bar over sections when ``enabled``; a no-op otherwise."""
+
+    def __init__(self, enabled: bool, total: int, name: str) -> None:
+        self.enabled, self.total, self.name = enabled, total, name
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda n: None
+        from rich.progress import Progress
+
+        self._p = Progress(transient=True)
+        self._p.start()
+        task = self._p.add_task(f"evaluating {self.name}", total=self.total)
+        return lambda n: self._p.advance(task, n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self._p.stop()

@@ -1,0 +1,290 @@
+"""Object-level measures: connected components streamed through z-slabs, one-to-one matching.
+
+A volume is processed as z-slabs of whole sections. Each slab is labelled with cc3d; labels that
+touch across a slab face are joined afterwards with a union-find (scipy's graph components), so
+the components are exactly those of the whole volume while only one slab is in memory. Per
+component we keep its size, coordinate sum (for the centroid) and its overlaps with truth
+instances; matching then needs no voxels at all.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import cc3d
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from scipy.spatial import cKDTree
+
+from bbem.errors import UserError
+
+_FACE_SHIFTS = {
+    6: [(0, 0)],
+    18: [(0, 0), (0, 1), (0, -1), (1, 0), (-1, 0)],
+    26: [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)],
+}
+
+
+class Objects:
+    """Instances of a volume streamed in z-slabs: components of a binary mask, or given label ids.
+
+    ``add(slab, z0)`` returns the slab's instance ids (int64, 0 = background) so the caller can
+    relate them to another :class:`Objects`; ids of components are provisional until
+    :meth:`finish`, which maps them to final ids ``1..n`` (``final_id[provisional]``).
+    """
+
+    def __init__(self, kind: str = "components", connectivity: int = 26) -> None:
+        if kind not in ("components", "labels"):
+            raise ValueError(f"kind must be 'components' or 'labels', got {kind!r}")
+        if connectivity not in _FACE_SHIFTS:
+            raise UserError(f"connectivity must be 6, 18 or 26, got {connectivity}")
+        self.kind, self.connectivity = kind, connectivity
+        self._n = 0
+        self._sizes: list[np.ndarray] = []
+        self._sums: list[np.ndarray] = []
+        self._ids: list[np.ndarray] = []  # label mode: the ids each size/sum row belongs to
+        self._edges: list[np.ndarray] = []
+        self._prev: np.ndarray | None = None
+        self._prev_z = -1
+
+    def add(self, block: np.ndarray, z0: int) -> np.ndarray:
+        """Instance ids of ``block`` (z, y, x): bool for components, integer labels for labels."""
+        if self.kind == "labels":
+            return self._add_labels(np.asarray(block), z0)
+        lab, n = cc3d.connected_components(
+            np.asarray(block, dtype=bool), connectivity=self.connectivity, return_N=True
+        )
+        lab = lab.astype(np.int64)
+        if n:
+            st = cc3d.statistics(lab)
+            counts = np.asarray(st["voxel_counts"][1:], dtype=np.float64)
+            sums = np.asarray(st["centroids"][1:], dtype=np.float64) * counts[:, None]
+            sums[:, 0] += z0 * counts
+            self._sizes.append(counts)
+            self._sums.append(sums)
+            lab[lab > 0] += self._n
+        if self._prev is not None and self._prev_z == z0 - 1:
+            self._join(self._prev, lab[0])
+        self._n += n
+        self._prev, self._prev_z = lab[-1].copy(), z0 + lab.shape[0] - 1
+        return lab
+
+    def _add_labels(self, labels: np.ndarray, z0: int) -> np.ndarray:
+        nz = np.nonzero(labels)
+        ids, inv, counts = np.unique(labels[nz], return_inverse=True, return_counts=True)
+        if ids.size:
+            coords = np.stack([nz[0] + z0, nz[1], nz[2]], axis=1).astype(np.float64)
+            sums = np.stack(
+                [np.bincount(inv, weights=coords[:, a], minlength=ids.size) for a in range(3)], 1
+            )
+            self._ids.append(ids)
+            self._sizes.append(counts.astype(np.float64))
+            self._sums.append(sums)
+        return labels
+
+    def _join(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Record provisional ids that touch across the face between plane ``a`` and ``b``."""
+        h, w = a.shape
+        for dy, dx in _FACE_SHIFTS[self.connectivity]:
+            sa = a[max(0, -dy) : h - max(0, dy), max(0, -dx) : w - max(0, dx)]
+            sb = b[max(0, dy) : h - max(0, -dy), max(0, dx) : w - max(0, -dx)]
+            both = (sa > 0) & (sb > 0)
+            if both.any():
+                self._edges.append(np.unique(np.stack([sa[both], sb[both]], 1), axis=0))
+
+    def n_instances(self) -> int:
+        """Distinct label ids seen so far (labels), or provisional components (components)."""
+        if self.kind == "labels":
+            return int(np.unique(np.concatenate(self._ids)).size) if self._ids else 0
+        return self._n
+
+    def finish(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(keys, sizes, centroids, final_id)``.
+
+        ``keys``: the final instance keys (components: 1..n; labels: the label ids), ``sizes`` and
+        ``centroids`` (voxel units, z, y, x) per key. ``final_id`` maps a provisional component id
+        to its index in ``keys`` (labels: None-like empty array; use ``np.searchsorted(keys, id)``).
+        """
+        sizes = np.concatenate(self._sizes) if self._sizes else np.zeros(0)
+        sums = np.concatenate(self._sums) if self._sums else np.zeros((0, 3))
+        if self.kind == "labels":
+            ids = np.concatenate(self._ids) if self._ids else np.zeros(0, np.uint64)
+            keys, inv = np.unique(ids, return_inverse=True)
+            s = np.bincount(inv, weights=sizes, minlength=keys.size)
+            c = np.stack(
+                [np.bincount(inv, weights=sums[:, a], minlength=keys.size) for a in range(3)], 1
+            )
+            return keys, s, c / np.maximum(s, 1)[:, None], np.zeros(0, np.int64)
+        n = self._n
+        if self._edges:
+            e = np.concatenate(self._edges) - 1
+            g = coo_matrix((np.ones(len(e)), (e[:, 0], e[:, 1])), shape=(n, n))
+            _, root = connected_components(g, directed=False)
+        else:
+            root = np.arange(n)
+        m = int(root.max()) + 1 if n else 0
+        s = np.bincount(root, weights=sizes, minlength=m)
+        c = np.stack([np.bincount(root, weights=sums[:, a], minlength=m) for a in range(3)], 1)
+        final = np.r_[-1, root].astype(np.int64)  # provisional id 0 (background) -> -1
+        return np.arange(1, m + 1), s, c / np.maximum(s, 1)[:, None], final
+
+
+class Overlaps:
+    """Voxel counts of (prediction instance, truth instance) pairs, accumulated over slabs."""
+
+    def __init__(self) -> None:
+        self._pairs: list[np.ndarray] = []
+        self._counts: list[np.ndarray] = []
+
+    def add(self, pred_ids: np.ndarray, truth_ids: np.ndarray) -> None:
+        both = (pred_ids > 0) & (truth_ids > 0)
+        if not both.any():
+            return
+        tid = truth_ids[both]
+        tkeys, tinv = np.unique(tid, return_inverse=True)
+        pairs, counts = np.unique(
+            np.stack([pred_ids[both].astype(np.int64), tinv.astype(np.int64)], 1),
+            axis=0,
+            return_counts=True,
+        )
+        # keep truth ids as they are (uint64 ids may not fit int64 arithmetic)
+        self._pairs.append(
+            np.stack([pairs[:, 0].astype(np.uint64), tkeys[pairs[:, 1]].astype(np.uint64)], 1)
+        )
+        self._counts.append(counts)
+
+    def table(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(pairs[k, 2] of (pred id, truth id) as uint64, counts[k])``, pairs unique."""
+        if not self._pairs:
+            return np.zeros((0, 2), np.uint64), np.zeros(0, np.int64)
+        return np.concatenate(self._pairs), np.concatenate(self._counts)
+
+
+def match(
+    candidates: list[tuple[int, int, float]], maximize: bool = True
+) -> list[tuple[int, int, float]]:
+    """One-to-one matching of candidate (pred, truth, score) pairs.
+
+    The matching has the largest number of pairs, and among those the best total score (largest
+    when ``maximize``, else smallest); it is solved exactly by the Hungarian algorithm on each
+    connected group of candidates, so it stays small however many objects there are.
+    """
+    if not candidates:
+        return []
+    p_keys = sorted({c[0] for c in candidates})
+    t_keys = sorted({c[1] for c in candidates})
+    pi = {k: i for i, k in enumerate(p_keys)}
+    ti = {k: i for i, k in enumerate(t_keys)}
+    n_p = len(p_keys)
+    rows = np.array([pi[c[0]] for c in candidates])
+    cols = np.array([ti[c[1]] for c in candidates]) + n_p
+    g = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n_p + len(t_keys),) * 2)
+    _, group = connected_components(g, directed=False)
+    out: list[tuple[int, int, float]] = []
+    scores = np.array([c[2] for c in candidates], dtype=np.float64)
+    for gid in np.unique(group[rows]):
+        sel = np.flatnonzero(group[rows] == gid)
+        r_u, r_inv = np.unique(rows[sel], return_inverse=True)
+        c_u, c_inv = np.unique(cols[sel], return_inverse=True)
+        s = scores[sel]
+        # lexicographic: every match is worth more than any total of score differences
+        big = 1.0 + 2 * (np.abs(s).max() if s.size else 0) * (len(sel) + 1)
+        w = np.zeros((len(r_u), len(c_u)))
+        w[r_inv, c_inv] = big + (s if maximize else -s)
+        r, c = linear_sum_assignment(w, maximize=True)
+        for a, b in zip(r, c, strict=True):
+            if w[a, b] > 0:
+                k = sel[(r_inv == a) & (c_inv == b)][0]
+                out.append((candidates[k][0], candidates[k][1], float(scores[k])))
+    return out
+
+
+def object_scores(
+    pred_sizes: dict[int, float],
+    truth_sizes: dict[int, float],
+    matches: list[tuple[int, int, float]],
+) -> dict[str, Any]:
+    """Precision, recall, F1 and counts from a one-to-one matching."""
+    tp, n_p, n_t = len(matches), len(pred_sizes), len(truth_sizes)
+    precision = tp / n_p if n_p else 0.0
+    recall = tp / n_t if n_t else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "tp": tp,
+        "spurious": n_p - tp,
+        "missed": n_t - tp,
+        "n_pred": n_p,
+        "n_true": n_t,
+    }
+
+
+def object_metrics(
+    pred: Objects,
+    truth: Objects,
+    overlaps: Overlaps,
+    *,
+    min_size: int = 100,
+    iou_thresholds: tuple[float, ...] = (0.2, 0.5),
+    match_distance_nm: float | None = None,
+    voxel_size: tuple[float, float, float] = (1.0, 1.0, 1.0),
+) -> dict[str, Any]:
+    """Match predicted components (at least ``min_size`` voxels) to truth instances.
+
+    Reported per rule (``iou_0.2``: IoU > 0.2; ``centroid_<d>nm``: centroid distance <= d nm):
+    precision, recall, f1, tp, missed (truth without match), spurious (prediction without
+    match). Shared: ``split`` (truth instances touched by 2+ predictions), ``merged``
+    (predictions touching 2+ truth instances), ``removed_small``.
+    """
+    p_keys, p_sizes, p_cent, p_final = pred.finish()
+    t_keys, t_sizes, t_cent, t_final = truth.finish()
+    pairs, counts = overlaps.table()
+    # provisional ids -> final keys, then aggregate duplicate pairs
+    pp = pairs[:, 0].astype(np.int64)
+    pp = p_keys[p_final[pp]] if pred.kind == "components" else pp
+    tt = pairs[:, 1]
+    if truth.kind == "components":
+        tt = t_keys[t_final[tt.astype(np.int64)]].astype(np.uint64)
+    agg: dict[tuple[int, int], int] = {}
+    for a, b, c in zip(pp.tolist(), tt.tolist(), counts.tolist(), strict=True):
+        agg[(a, b)] = agg.get((a, b), 0) + c
+    keep = p_sizes >= min_size
+    psz = {int(k): float(s) for k, s, ok in zip(p_keys, p_sizes, keep, strict=True) if ok}
+    tsz = {int(k): float(s) for k, s in zip(t_keys, t_sizes, strict=True)}
+    overlap = {k: v for k, v in agg.items() if k[0] in psz}
+    touched_t: dict[int, int] = {}
+    touched_p: dict[int, int] = {}
+    for a, b in overlap:
+        touched_t[b] = touched_t.get(b, 0) + 1
+        touched_p[a] = touched_p.get(a, 0) + 1
+    out: dict[str, Any] = {
+        "n_pred": len(psz),
+        "n_true": len(tsz),
+        "removed_small": int((~keep).sum()),
+        "split": sum(1 for v in touched_t.values() if v > 1),
+        "merged": sum(1 for v in touched_p.values() if v > 1),
+    }
+    ious = {(a, b): v / (psz[a] + tsz[b] - v) for (a, b), v in overlap.items()}
+    for thr in iou_thresholds:
+        cand = [(a, b, iou) for (a, b), iou in ious.items() if iou > thr]
+        out[f"iou_{thr:g}"] = {"rule": f"IoU > {thr:g}", **object_scores(psz, tsz, match(cand))}
+    if match_distance_nm is not None:
+        vs = np.asarray(voxel_size, dtype=np.float64)
+        pk = np.array(sorted(psz), dtype=np.int64)
+        pc = p_cent[np.searchsorted(p_keys, pk)] * vs if pk.size else np.zeros((0, 3))
+        cand = []
+        if pk.size and t_keys.size:
+            tree = cKDTree(t_cent * vs)
+            for i, near in enumerate(tree.query_ball_point(pc, r=match_distance_nm)):
+                for j in near:
+                    d = float(np.linalg.norm(pc[i] - t_cent[j] * vs))
+                    cand.append((int(pk[i]), int(t_keys[j]), d))
+        out[f"centroid_{match_distance_nm:g}nm"] = {
+            "rule": f"centroid distance <= {match_distance_nm:g} nm",
+            **object_scores(psz, tsz, match(cand, maximize=False)),
+        }
+    return out
