@@ -348,17 +348,36 @@ def test_make_loader_and_val_volumes_from_a_zarr_file(tmp_path, rng):
     raw, lab = sparse_volume(rng)
     write_zarr(tmp_path / "a.zarr", raw, lab)
     cfg = tiny_config(tmp_path)
-    it = bd.make_loader(cfg, seed=0)
-    for _ in range(3):
-        b = next(it)
-        assert b["image"].shape == b["label"].shape == (2, 1, 8, 32, 32)
-        assert b["image"].dtype == torch.float32
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        it = bd.make_loader(cfg, seed=0)
+        for _ in range(3):
+            b = next(it)
+            assert b["image"].shape == b["label"].shape == (2, 1, 8, 32, 32)
+            assert b["image"].dtype == torch.float32
+            # patches are made on one thread, but the trainer gets its threads back
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    again = bd.make_loader(cfg, seed=0)
+    assert torch.equal(next(again)["image"], next(bd.make_loader(cfg, seed=0))["image"])
     ((v_raw, v_lab, vs),) = bd.load_val_volumes(cfg)
     np.testing.assert_allclose(v_raw, raw[14:] / 255.0, atol=1e-6)
     np.testing.assert_array_equal(v_lab, lab[14:] != 0)
     assert v_raw.dtype == np.float32 and v_lab.dtype == bool and len(vs) == 3
     src = bd.open_sources(cfg, "train")[0]
     assert src.n_cleft == int((lab[:14] != 0).sum())
+
+
+def test_worker_reopens_lazy_volumes(tmp_path, rng):
+    raw, lab = sparse_volume(rng)
+    write_zarr(tmp_path / "a.zarr", raw, lab)
+    cfg = tiny_config(tmp_path, workers=1, in_memory_mb=0)
+    assert not isinstance(bd.open_sources(cfg)[0].raw, np.ndarray)  # read patch by patch
+    b = next(bd.make_loader(cfg, seed=0))
+    assert b["image"].shape == (2, 1, 8, 32, 32)
+    assert b["label"].sum() > 0
 
 
 def test_val_z_range_beyond_the_volume_is_a_user_error(tmp_path, rng):
