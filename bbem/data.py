@@ -390,21 +390,27 @@ def make_dataset(cfg: RunConfig, seed: int) -> PatchDataset:
 
 def make_loader(cfg: RunConfig, seed: int) -> Iterator[dict[str, torch.Tensor]]:
     """Batches ``{"image": float32 [B, 1, Z, Y, X], "label": float32 [B, 1, Z, Y, X]}`` forever."""
-    ds = make_dataset(cfg, seed)
-    if cfg.data.workers == 0:
-        return _batches(ds, cfg.data.batch_size)
-    loader = DataLoader(
-        ds,
-        batch_size=cfg.data.batch_size,
-        num_workers=cfg.data.workers,
-        persistent_workers=True,
-    )
-    return iter(loader)
+    return batches(make_dataset(cfg, seed), cfg.data.batch_size, cfg.data.workers)
 
 
-def _batches(ds: PatchDataset, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-    # In the training process: stack on one thread too (see _one_thread).
-    items = iter(ds)
+def batches(
+    ds: PatchDataset, batch_size: int, workers: int = 0
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Batch a :class:`PatchDataset` forever: ``[B, 1, Z, Y, X]`` tensors.
+
+    ``workers > 0`` uses a torch ``DataLoader`` with that many processes; with 0, patches are
+    made and stacked in this process on one thread (a ``DataLoader`` would stack them on the
+    trainer's thread pool, 4x slower for patch-sized tensors on a busy 2-core machine). Change
+    ``ds.seed`` and call again to restart the stream deterministically.
+    """
+    if workers > 0:
+        return iter(DataLoader(ds, batch_size=batch_size, num_workers=workers))
+    return _stack(iter(ds), batch_size)
+
+
+def _stack(
+    items: Iterator[dict[str, torch.Tensor]], batch_size: int
+) -> Iterator[dict[str, torch.Tensor]]:
     while True:
         group = [next(items) for _ in range(batch_size)]
         with _one_thread():
