@@ -23,6 +23,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -96,25 +97,40 @@ def evaluate(
 
     z_total = shape[0]
     step = _slab_depth(shape, getattr(prediction, "chunks", None), slab_voxels)
-    with _progress(progress, z_total, names["prediction"]) as advance:
-        for z0 in range(0, z_total, step):
+    starts = list(range(0, z_total, step))
+
+    def read(z0: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        z1 = min(z_total, z0 + step)
+        m = None if mask is None else np.asarray(mask[z0:z1])
+        return np.asarray(prediction[z0:z1]), np.asarray(truth[z0:z1]), m
+
+    # reading (decompression) of the next slab overlaps the work on this one
+    with _progress(progress, z_total, names["prediction"]) as advance, ThreadPoolExecutor(1) as ex:
+        pending = ex.submit(read, starts[0])
+        for i, z0 in enumerate(starts):
             z1 = min(z_total, z0 + step)
+            p_raw, t_raw, m_raw = pending.result()
+            if i + 1 < len(starts):
+                pending = ex.submit(read, starts[i + 1])
             try:
-                p = as_levels(np.asarray(prediction[z0:z1]))
+                p = as_levels(p_raw)
             except UserError as e:
                 raise UserError(f"{names['prediction']} sections {z0}-{z1 - 1}: {e}") from None
-            t_raw = np.asarray(truth[z0:z1])
+            del p_raw
             tb = cleft_mask(t_raw)
-            scored = _scored(mask, margin_t, shape, z0, z1)
+            scored = _scored(m_raw, margin_t, shape, z0, z1)
             hist.update(p, tb, scored)
             pb = p >= level
             pb_s, tb_s = (pb, tb) if scored is None else (pb & scored, tb & scored)
-            pid = pred_obj.add(pb_s, z0)
-            if truth_cc is not None:
-                ov_cc.add(pid, truth_cc.add(tb_s, z0))
+            pid, poff = pred_obj.add(pb_s, z0)
             if truth_lab is not None:
-                lab = np.where(tb_s, t_raw, 0).astype(t_raw.dtype, copy=False)
-                ov_lab.add(pid, truth_lab.add(lab, z0))
+                truth_lab.add(t_raw, z0, where=tb_s)
+                ov_lab.add(pid, poff, t_raw, tb_s)
+                if truth_cc is not None and truth_lab.n_instances() > 1:
+                    truth_cc = None  # two ids seen: instances are the labels, for sure
+            if truth_cc is not None:
+                tid, toff = truth_cc.add(tb_s, z0)
+                ov_cc.add(pid, poff, tid, tid > 0, toff)
             cremi.add(pb, tb, scored, z0, last=z1 == z_total)
             advance(z1 - z0)
 

@@ -49,14 +49,26 @@ class Objects:
         self._prev: np.ndarray | None = None
         self._prev_z = -1
 
-    def add(self, block: np.ndarray, z0: int) -> np.ndarray:
-        """Instance ids of ``block`` (z, y, x): bool for components, integer labels for labels."""
+    def add(
+        self, block: np.ndarray, z0: int, where: np.ndarray | None = None
+    ) -> tuple[np.ndarray, int]:
+        """Add a slab starting at section ``z0``; returns ``(ids, offset)``.
+
+        components: ``block`` is bool; ``ids`` are the slab's local component labels (uint32),
+        provisional global id = local + ``offset`` where local > 0. labels: ``block`` holds label
+        ids, ``where`` (bool) the voxels that are instances; ``ids`` is ``block`` and offset 0.
+        Local ids with an offset spare a whole-slab int64 copy.
+        """
         if self.kind == "labels":
-            return self._add_labels(np.asarray(block), z0)
+            self._add_labels(np.asarray(block), z0, where)
+            return np.asarray(block), 0
         lab, n = cc3d.connected_components(
-            np.asarray(block, dtype=bool), connectivity=self.connectivity, return_N=True
+            np.asarray(block, dtype=bool),
+            connectivity=self.connectivity,
+            return_N=True,
+            out_dtype=np.uint32,
         )
-        lab = lab.astype(np.int64)
+        offset = self._n
         if n:
             st = cc3d.statistics(lab)
             counts = np.asarray(st["voxel_counts"][1:], dtype=np.float64)
@@ -64,25 +76,27 @@ class Objects:
             sums[:, 0] += z0 * counts
             self._sizes.append(counts)
             self._sums.append(sums)
-            lab[lab > 0] += self._n
+        first = _globalise(lab[0], offset)
         if self._prev is not None and self._prev_z == z0 - 1:
-            self._join(self._prev, lab[0])
+            self._join(self._prev, first)
         self._n += n
-        self._prev, self._prev_z = lab[-1].copy(), z0 + lab.shape[0] - 1
-        return lab
+        self._prev, self._prev_z = _globalise(lab[-1], offset), z0 + lab.shape[0] - 1
+        return lab, offset
 
-    def _add_labels(self, labels: np.ndarray, z0: int) -> np.ndarray:
-        nz = np.nonzero(labels)
+    def _add_labels(self, labels: np.ndarray, z0: int, where: np.ndarray | None) -> None:
+        nz = np.nonzero(labels if where is None else where)
         ids, inv, counts = np.unique(labels[nz], return_inverse=True, return_counts=True)
         if ids.size:
-            coords = np.stack([nz[0] + z0, nz[1], nz[2]], axis=1).astype(np.float64)
             sums = np.stack(
-                [np.bincount(inv, weights=coords[:, a], minlength=ids.size) for a in range(3)], 1
+                [
+                    np.bincount(inv, weights=c, minlength=ids.size)
+                    for c in (nz[0] + z0, nz[1], nz[2])
+                ],
+                1,
             )
             self._ids.append(ids)
             self._sizes.append(counts.astype(np.float64))
             self._sums.append(sums)
-        return labels
 
     def _join(self, a: np.ndarray, b: np.ndarray) -> None:
         """Record provisional ids that touch across the face between plane ``a`` and ``b``."""
@@ -131,6 +145,12 @@ class Objects:
         return np.arange(1, m + 1), s, c / np.maximum(s, 1)[:, None], final
 
 
+def _globalise(plane: np.ndarray, offset: int) -> np.ndarray:
+    g = plane.astype(np.int64)
+    g[g > 0] += offset
+    return g
+
+
 class Overlaps:
     """Voxel counts of (prediction instance, truth instance) pairs, accumulated over slabs."""
 
@@ -138,21 +158,28 @@ class Overlaps:
         self._pairs: list[np.ndarray] = []
         self._counts: list[np.ndarray] = []
 
-    def add(self, pred_ids: np.ndarray, truth_ids: np.ndarray) -> None:
-        both = (pred_ids > 0) & (truth_ids > 0)
+    def add(
+        self,
+        pred_ids: np.ndarray,
+        pred_offset: int,
+        truth_ids: np.ndarray,
+        truth_where: np.ndarray,
+        truth_offset: int = 0,
+    ) -> None:
+        """Count pairs where ``pred_ids > 0`` and ``truth_where``; ids are local + offset."""
+        both = (pred_ids > 0) & truth_where
         if not both.any():
             return
         tid = truth_ids[both]
         tkeys, tinv = np.unique(tid, return_inverse=True)
         pairs, counts = np.unique(
-            np.stack([pred_ids[both].astype(np.int64), tinv.astype(np.int64)], 1),
+            np.stack([pred_ids[both].astype(np.int64) + pred_offset, tinv.astype(np.int64)], 1),
             axis=0,
             return_counts=True,
         )
-        # keep truth ids as they are (uint64 ids may not fit int64 arithmetic)
-        self._pairs.append(
-            np.stack([pairs[:, 0].astype(np.uint64), tkeys[pairs[:, 1]].astype(np.uint64)], 1)
-        )
+        # truth ids stay uint64 (CREMI ids may not fit int64 arithmetic)
+        t_global = tkeys[pairs[:, 1]].astype(np.uint64) + np.uint64(truth_offset)
+        self._pairs.append(np.stack([pairs[:, 0].astype(np.uint64), t_global], 1))
         self._counts.append(counts)
 
     def table(self) -> tuple[np.ndarray, np.ndarray]:

@@ -101,14 +101,16 @@ class PRHistogram:
         if t.shape != p.shape or (mask is not None and np.shape(mask) != p.shape):
             shapes = [p.shape, t.shape] + ([np.shape(mask)] if mask is not None else [])
             raise UserError(f"prediction, truth and mask shapes disagree: {shapes}")
-        # one bincount over level + 256*truth (+ 512 for unscored voxels, dropped)
-        idx = p.astype(np.uint16)
-        idx[t] += LEVELS
-        if mask is not None:
-            idx[~np.asarray(mask, dtype=bool)] = 2 * LEVELS
-        counts = np.bincount(idx.ravel(), minlength=2 * LEVELS + 1)
-        self.neg += counts[:LEVELS]
-        self.pos += counts[LEVELS : 2 * LEVELS]
+        # all scored voxels, then the (few) cleft voxels: negatives are the difference
+        if mask is None:
+            total = np.bincount(p.ravel(), minlength=LEVELS)
+            pos = np.bincount(p[t], minlength=LEVELS)
+        else:
+            m = np.asarray(mask, dtype=bool)
+            total = np.bincount(p[m], minlength=LEVELS)
+            pos = np.bincount(p[t & m], minlength=LEVELS)
+        self.pos += pos
+        self.neg += total - pos
         return self
 
     def merge(self, other: PRHistogram) -> PRHistogram:
