@@ -468,7 +468,8 @@ class RandMisalignedSectiond(RandomizableTransform, MapTransform):
 
     Two CREMI-style modes, chosen at random: ``translation`` shifts every section from a random
     z onward (a registration jump), ``slip`` shifts one section only. Shapes ``[C, Z, Y, X]`` are
-    kept; the uncovered border repeats the edge in images and is 0 in labels.
+    kept; the uncovered border repeats the edge pixels, in image and label alike, so the two
+    still agree there.
     """
 
     def __init__(
@@ -476,14 +477,12 @@ class RandMisalignedSectiond(RandomizableTransform, MapTransform):
         keys: Sequence[Hashable] = KEYS,
         prob: float = 0.1,
         max_shift: int = 8,
-        label_keys: Sequence[Hashable] = ("label",),
         slip_prob: float = 0.5,
         allow_missing_keys: bool = False,
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         RandomizableTransform.__init__(self, prob)
         self.max_shift = int(max_shift)
-        self.label_keys = set(label_keys)
         self.slip_prob = float(slip_prob)
         self.z0, self.z1, self.shift = 1, 2, (0, 0)
 
@@ -511,19 +510,19 @@ class RandMisalignedSectiond(RandomizableTransform, MapTransform):
         for k in self.key_iterator(d):
             img = torch.as_tensor(d[k]).clone()
             part = img[:, self.z0 : self.z1]
-            img[:, self.z0 : self.z1] = _shift_yx(part, self.shift, edge=k not in self.label_keys)
+            img[:, self.z0 : self.z1] = _shift_yx(part, self.shift)
             d[k] = img
         return d
 
 
-def _shift_yx(a: torch.Tensor, shift: tuple[int, int], edge: bool) -> torch.Tensor:
-    """Shift ``[..., Y, X]`` by whole pixels; the uncovered border is the edge value or 0."""
+def _shift_yx(a: torch.Tensor, shift: tuple[int, int]) -> torch.Tensor:
+    """Shift ``[..., Y, X]`` by whole pixels; the uncovered border repeats the edge."""
     dy, dx = shift
     y, x = a.shape[-2:]
     # pad (x-left, x-right, y-top, y-bottom) on the side the content moves away from
     pad = (max(dx, 0), max(-dx, 0), max(dy, 0), max(-dy, 0))
     flat = a.reshape(-1, 1, y, x).float()
-    padded = F.pad(flat, pad, mode="replicate") if edge else F.pad(flat, pad)
+    padded = F.pad(flat, pad, mode="replicate")
     oy, ox = max(-dy, 0), max(-dx, 0)
     out = padded[..., oy : oy + y, ox : ox + x]
     return out.reshape(a.shape).to(a.dtype)

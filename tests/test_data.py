@@ -251,8 +251,20 @@ def test_misaligned_section_shifts_image_and_label_together():
         inner = (slice(None), slice(t.z0, t.z1), slice(4, -4), slice(4, -4))
         np.testing.assert_array_equal(o[inner], rolled[inner])
         np.testing.assert_array_equal(ol[inner], rolled_l[inner])
-        assert ol.sum() <= lab.sum()  # label border fills with 0, never invents clefts
         assert (dy, dx) != (0, 0) and max(abs(dy), abs(dx)) <= 4
+
+
+def test_misaligned_border_keeps_image_and_label_in_agreement():
+    lab = np.zeros((1, 6, 40, 40), np.float32)
+    lab[:, :, 0:6, 10:30] = 1  # a cleft touching the border the shift uncovers
+    lab[:, :, 20:40, 36:40] = 1
+    img = np.where(lab > 0, 1.0, 0.25).astype(np.float32)
+    for seed in range(10):
+        t = RandMisalignedSectiond(prob=1.0, max_shift=6)
+        t.set_random_state(seed)
+        out = t(as_item(img, lab))
+        expected = np.where(out["label"].numpy() > 0, 1.0, 0.25)
+        np.testing.assert_array_equal(out["image"].numpy(), expected)
 
 
 def test_motion_blur_smears_one_section_along_a_line():
