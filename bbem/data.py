@@ -38,6 +38,7 @@ from monai.transforms import (
     RandShiftIntensityd,
 )
 from monai.utils import convert_to_tensor
+from rich.progress import track
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from bbem.config import AugmentConfig, DataConfig, RunConfig, VolumeSpec
@@ -149,7 +150,13 @@ def source_from_arrays(
     slab = max(1, _SLAB_BYTES // max(1, plane * np.dtype(label.dtype).itemsize))
     rng = np.random.default_rng(seed)
     masks, coords, n_cleft = [], [], 0
-    for a in range(z0, z1, slab):
+    label_bytes = n_vox * np.dtype(label.dtype).itemsize
+    for a in track(
+        range(z0, z1, slab),
+        description=f"finding clefts in {name}",
+        transient=True,
+        disable=label_bytes < _SLAB_BYTES * 4,  # only worth a bar when it takes a while
+    ):
         m = np.asarray(label[a : min(z1, a + slab)]) != 0
         c = np.argwhere(m).astype(np.int32)
         c[:, 0] += a - z0
