@@ -34,7 +34,7 @@ def plot_pr_curve(
     """Draw a PR curve (``{"precision", "recall", "thresholds"}`` in sklearn's order, as
     :meth:`bbem.metrics.PRHistogram.result` gives) to a PNG, with iso-F1 lines, the best-F1 point
     and the point at threshold 0.5. ``others``: more curves by label, drawn thinner."""
-    fig = Figure(figsize=(5.6, 5.0))
+    fig = Figure(figsize=(5.6, 5.0), layout="constrained")
     ax = fig.add_subplot()
     for f in (0.2, 0.4, 0.6, 0.8):
         r = np.linspace(f / (2 - f) + 1e-9, 1, 100)

@@ -1,0 +1,388 @@
+"""``bbem report RUN_DIR``: the plots a person would rather look at than read, and a summary.
+
+Reads what training wrote (see :mod:`bbem.rundir`): ``config.yaml``, ``metrics.csv``, ``bb.csv``
+and ``checkpoints/best.pt``, and writes into ``RUN_DIR/report/``:
+
+- ``curves.png``: training loss, every validation column, density, against step;
+- ``pr_curve.png``: the PR curve of the best checkpoint (EM runs);
+- ``on_rates.png``: per-layer on-rate histograms at the first and the last logged step;
+- ``balance.png``: log((1-a)/a) against kept degree k/K at the last step, the least-squares line
+  and R^2 (the selectivity-audience balance of METHOD.md);
+- ``density.png``: kept-edge density per layer over training;
+- ``summary.json``: the numbers behind them (and why a plot is missing, e.g. a dense run).
+
+Generic on purpose: companion runs (speech, face identification) have other validation columns
+and the same bb.csv, and get the same report.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from bbem.errors import UserError
+from bbem.metrics.evaluate import write_json
+from bbem.metrics.plot import plot_pr_curve, save_figure
+from bbem.rundir import RunDir
+
+#: Clamp of on-rates before log((1-a)/a), as the BB controller does.
+_EPS = 1e-4
+
+
+def make_report(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """Write ``RUN_DIR/report/`` (PNGs and ``summary.json``); returns the summary."""
+    rd = RunDir.open(run_dir)
+    out = rd.path / "report"
+    out.mkdir(exist_ok=True)
+    notes: list[str] = []
+    plots: dict[str, str] = {}
+    config = rd.config or {}
+
+    rows = rd.read_metrics()
+    table = _columns(rows)
+    if table:
+        plots["curves"] = str(_plot_curves(table, out / "curves.png", _title(rd, config)))
+    else:
+        notes.append("metrics.csv is absent or empty: no training curves")
+
+    best = _best_checkpoint(rd, notes)
+    curve = (best.get("metrics") or {}).get("curve") if best else None
+    if curve and curve.get("precision"):
+        step = best.get("step")
+        plots["pr_curve"] = str(
+            plot_pr_curve(curve, out / "pr_curve.png", title=f"best checkpoint (step {step})")
+        )
+    elif best is not None:
+        notes.append("best.pt holds no PR curve (not a cleft-detection run): no PR plot")
+
+    bb_summary: dict[str, Any] | None = None
+    bb = _read_bb(rd.bb_csv)
+    if bb is None:
+        notes.append("bb.csv is absent or empty (a dense run): BB plots skipped")
+    else:
+        bb_summary = _bb_summary(bb)
+        plots["on_rates"] = str(_plot_on_rates(bb, out / "on_rates.png"))
+        plots["balance"] = str(_plot_balance(bb, bb_summary, out / "balance.png"))
+        plots["density"] = str(_plot_density(bb, out / "density.png"))
+
+    summary = {
+        "run_dir": str(rd.path),
+        "name": config.get("name"),
+        "method": (config.get("bb") or {}).get("method", "dense") if config.get("bb") else "dense",
+        "target_density": (config.get("bb") or {}).get("density"),
+        "steps": int(table["step"][-1]) if table and "step" in table else None,
+        "final": {k: _num(v[-1]) for k, v in table.items()} if table else None,
+        "best_of_columns": _best_of(table) if table else None,
+        "best_checkpoint": _plain_metrics(best),
+        "bb": bb_summary,
+        "plots": plots,
+        "notes": notes,
+    }
+    write_json(summary, out / "summary.json")
+    return summary
+
+
+def report_from_cli(run_dir: str) -> dict[str, Any]:
+    """``bbem report RUN_DIR``: make the report and say where it went."""
+    summary = make_report(run_dir)
+    out = Path(run_dir) / "report"
+    print(
+        f"wrote {out}/: {', '.join(Path(p).name for p in summary['plots'].values())}, summary.json"
+    )
+    for n in summary["notes"]:
+        print(f"note: {n}")
+    return summary
+
+
+# -- inputs ----------------------------------------------------------------------------------------
+
+
+def _columns(rows: list[dict[str, str]]) -> dict[str, np.ndarray]:
+    """metrics.csv as numeric columns (blank or text -> NaN), rows sorted by step."""
+    if not rows or "step" not in rows[0]:
+        return {}
+    cols = {k: np.array([_float(r.get(k)) for r in rows]) for k in rows[0]}
+    order = np.argsort(cols["step"], kind="stable")
+    return {k: v[order] for k, v in cols.items() if not np.all(np.isnan(v))}
+
+
+def _float(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _num(v: float) -> float | int | None:
+    if not math.isfinite(v):
+        return None
+    return int(v) if float(v).is_integer() and abs(v) < 2**53 else float(v)
+
+
+def _best_checkpoint(rd: RunDir, notes: list[str]) -> dict[str, Any] | None:
+    path = rd.checkpoint_path("best")
+    if not path.is_file():
+        notes.append("checkpoints/best.pt is absent: no PR curve of the best checkpoint")
+        return None
+    import torch
+
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a corrupt or foreign file: report what is there, say why not this
+        notes.append(f"checkpoints/best.pt cannot be read ({type(e).__name__}): skipped")
+        return None
+    return ck if isinstance(ck, dict) else None
+
+
+def _plain_metrics(ck: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if ck is None:
+        return None
+    m = {k: v for k, v in (ck.get("metrics") or {}).items() if k != "curve"}
+    return {"step": ck.get("step"), **{k: v for k, v in m.items() if _scalarish(v)}}
+
+
+def _scalarish(v: Any) -> bool:
+    return isinstance(v, (int, float, str, bool)) or (
+        isinstance(v, dict) and all(isinstance(x, (int, float)) for x in v.values())
+    )
+
+
+def _read_bb(path: Path) -> dict[str, np.ndarray] | None:
+    """bb.csv as arrays (step, layer, mode, unit, on_rate, degree, full_fan); None if empty."""
+    if not path.is_file():
+        return None
+    with path.open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if None not in r.values()]
+    if not rows:
+        return None
+    need = ("step", "layer", "on_rate", "degree", "full_fan")
+    missing = [k for k in need if k not in rows[0]]
+    if missing:
+        raise UserError(f"{path} lacks columns {missing}: was it written by bbem.rundir?")
+    out = {
+        k: np.array([_float(r[k]) for r in rows]) for k in ("step", "on_rate", "degree", "full_fan")
+    }
+    out["layer"] = np.array([r["layer"] for r in rows])
+    out["mode"] = np.array([r.get("mode", "in") for r in rows])
+    return out
+
+
+def _layers(bb: Mapping[str, np.ndarray]) -> list[str]:
+    return list(dict.fromkeys(bb["layer"].tolist()))  # first-seen order = network order
+
+
+def _at(bb: Mapping[str, np.ndarray], step: float) -> dict[str, np.ndarray]:
+    sel = bb["step"] == step
+    return {k: v[sel] for k, v in bb.items()}
+
+
+def _balance(on_rate: np.ndarray, degree: np.ndarray, full_fan: np.ndarray) -> dict[str, float]:
+    import torch
+
+    from bbem.bb import balance_fit
+
+    fit = balance_fit(torch.as_tensor(on_rate), torch.as_tensor(degree), torch.as_tensor(full_fan))
+    return {k: _num(float(v)) for k, v in fit.items()}
+
+
+def _bb_summary(bb: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    steps = np.unique(bb["step"])
+    first, last = _at(bb, steps[0]), _at(bb, steps[-1])
+    layers = {}
+    for name in _layers(bb):
+        s = {k: v[last["layer"] == name] for k, v in last.items()}
+        if not s["on_rate"].size:
+            continue
+        a = np.clip(s["on_rate"], 0, 1)
+        h = -(_xlog2(a) + _xlog2(1 - a))
+        layers[name] = {
+            "mode": str(s["mode"][0]),
+            "units": int(a.size),
+            "full_fan": int(s["full_fan"][0]),
+            "density": float(s["degree"].sum() / s["full_fan"].sum()),
+            "on_rate_mean": float(a.mean()),
+            "traffic": float((a * s["degree"]).sum()),
+            "entropy_mean_bits": float(h.mean()),
+            "balance": _balance(s["on_rate"], s["degree"], s["full_fan"]),
+        }
+    return {
+        "first_step": _num(float(steps[0])),
+        "last_step": _num(float(steps[-1])),
+        "net_balance_first": _balance(first["on_rate"], first["degree"], first["full_fan"]),
+        "net_balance": _balance(last["on_rate"], last["degree"], last["full_fan"]),
+        "density": float(last["degree"].sum() / last["full_fan"].sum()),
+        "layers": layers,
+    }
+
+
+def _xlog2(a: np.ndarray) -> np.ndarray:
+    return np.where(a > 0, a * np.log2(np.where(a > 0, a, 1)), 0.0)
+
+
+def _best_of(table: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Best value and its step of each validation column (lower is better for loss/error/wer)."""
+    out = {}
+    for k, v in table.items():
+        if not k.startswith("val_") or np.all(np.isnan(v)):
+            continue
+        lower = any(w in k for w in ("loss", "wer", "cer", "err", "eer"))
+        i = int(np.nanargmin(v) if lower else np.nanargmax(v))
+        out[k] = {
+            "value": _num(float(v[i])),
+            "step": _num(float(table["step"][i])),
+            "higher_is_better": not lower,
+        }
+    return out
+
+
+def _title(rd: RunDir, config: Mapping[str, Any]) -> str:
+    return str(config.get("name") or rd.path.name)
+
+
+# -- plots -----------------------------------------------------------------------------------------
+
+
+def _plot_curves(table: Mapping[str, np.ndarray], path: Path, title: str) -> Path:
+    step = table["step"]
+    val = [k for k in table if k.startswith("val_") and "loss" not in k]
+    losses = [k for k in ("train_loss", "val_loss") if k in table]
+    panels = [
+        p
+        for p in ("loss", "val", "density")
+        if (p == "loss" and losses)
+        or (p == "val" and val)
+        or (p == "density" and "density" in table)
+    ]
+    fig = Figure(figsize=(5.2 * len(panels), 4.0), layout="constrained")
+    for i, panel in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        if panel == "loss":
+            for k in losses:
+                ax.plot(step, table[k], marker="o", ms=3, label=k)
+            if all(np.nanmin(table[k]) > 0 for k in losses):
+                ax.set_yscale("log")
+            ax.set(title="loss", ylabel="loss")
+        elif panel == "val":
+            for k in val:
+                ax.plot(step, table[k], marker="o", ms=3, label=k.removeprefix("val_"))
+            ax.set(title="validation")
+        else:
+            ax.plot(step, table["density"], marker="o", ms=3, color="C2", label="kept edges")
+            if "bb_param_density" in table:
+                ax.plot(step, table["bb_param_density"], ls="--", color="C2", label="kept params")
+            ax.set(title="density", ylim=(0, 1.05))
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def _grid(n: int) -> tuple[int, int]:
+    cols = min(4, n)
+    return math.ceil(n / cols), cols
+
+
+def _plot_on_rates(bb: Mapping[str, np.ndarray], path: Path) -> Path:
+    steps = np.unique(bb["step"])
+    first, last = _at(bb, steps[0]), _at(bb, steps[-1])
+    layers = _layers(bb)
+    r, c = _grid(len(layers))
+    fig = Figure(figsize=(max(3.2 * c, 5.5), 2.6 * r + 0.9), layout="constrained")
+    bins = np.linspace(0, 1, 26)
+    for i, name in enumerate(layers):
+        ax = fig.add_subplot(r, c, i + 1)
+        for d, label, color in (
+            (first, f"step {steps[0]:g}", "0.6"),
+            (last, f"step {steps[-1]:g}", "C0"),
+        ):
+            a = d["on_rate"][d["layer"] == name]
+            ax.hist(a, bins=bins, alpha=0.6, color=color, label=label)
+        ax.set_title(_short(name), fontsize=8)
+        ax.set_xlim(0, 1)
+        ax.tick_params(labelsize=7)
+        if i == 0:
+            ax.legend(fontsize=7)
+    fig.supxlabel("on-rate a (fraction of positions where the unit is on)")
+    fig.supylabel("units")
+    fig.suptitle("on-rates per layer: first and last logged step")
+    return save_figure(fig, path)
+
+
+def _plot_balance(bb: Mapping[str, np.ndarray], summary: Mapping[str, Any], path: Path) -> Path:
+    last = _at(bb, np.unique(bb["step"])[-1])
+    a = np.clip(last["on_rate"], _EPS, 1 - _EPS)
+    y = np.log((1 - a) / a)
+    x = last["degree"] / last["full_fan"]
+    fig = Figure(figsize=(6.4, 5.0), layout="constrained")
+    ax = fig.add_subplot()
+    for i, name in enumerate(_layers(bb)):
+        sel = last["layer"] == name
+        ax.scatter(x[sel], y[sel], s=9, alpha=0.7, color=f"C{i % 10}", label=_short(name))
+    fit = summary["net_balance"]
+    if fit.get("slope") is not None and fit.get("intercept") is not None:
+        xs = np.linspace(x.min(), x.max(), 50)
+        ax.plot(
+            xs,
+            fit["slope"] * xs + fit["intercept"],
+            "k-",
+            lw=1.5,
+            label=f"fit: slope {fit['slope']:.2f}, R² {fit['r2']:.3f}"
+            if fit.get("r2") is not None
+            else "fit",
+        )
+    else:
+        ax.text(
+            0.5,
+            0.95,
+            "fit undefined (fewer than two distinct degrees)",
+            transform=ax.transAxes,
+            ha="center",
+            fontsize=8,
+        )
+    ax.set(
+        xlabel="kept degree k / K",
+        ylabel="log((1 - a) / a)",
+        title=f"selectivity-audience balance, step {summary['last_step']}",
+    )
+    ax.grid(alpha=0.3)
+    if len(_layers(bb)) <= 12:
+        ax.legend(fontsize=7, loc="best")
+    return save_figure(fig, path)
+
+
+def _plot_density(bb: Mapping[str, np.ndarray], path: Path) -> Path:
+    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    steps = np.unique(bb["step"])
+    for i, name in enumerate(_layers(bb)):
+        sel = bb["layer"] == name
+        d = [
+            bb["degree"][sel & (bb["step"] == s)].sum()
+            / max(bb["full_fan"][sel & (bb["step"] == s)].sum(), 1)
+            for s in steps
+        ]
+        ax.plot(
+            steps,
+            d,
+            marker="o" if len(steps) < 30 else None,
+            ms=3,
+            color=f"C{i % 10}",
+            label=_short(name),
+        )
+    ax.set(xlabel="step", ylabel="kept edges / edges", ylim=(0, 1.05), title="density per layer")
+    ax.grid(alpha=0.3)
+    if len(_layers(bb)) <= 12:
+        ax.legend(fontsize=7, ncol=2)
+    return save_figure(fig, path)
+
+
+def _short(name: str, n: int = 34) -> str:
+    return name if len(name) <= n else "…" + name[-(n - 1) :]
