@@ -346,6 +346,13 @@ class PatchDataset(IterableDataset):
         self.transform = transform
         self.seed = int(seed)
 
+    @property
+    def sources(self) -> list[PatchSource]:
+        """The training sources (opened now if a function was given)."""
+        if callable(self._sources):
+            self._sources = list(self._sources())
+        return list(self._sources)
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
         worker = info.id if info is not None else 0

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bbem import data as bd
 from bbem.config import RunConfig, load_config
@@ -115,6 +117,30 @@ def test_most_patches_hold_a_cleft(rng):
     uniform = PatchSampler([source_from_arrays(raw, lab)], (8, 48, 48), pos_fraction=0.0)
     u = np.mean([uniform.sample(rng)["label"].any().item() for _ in range(200)])
     assert u < 0.5 < hits / n
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.tuples(st.integers(1, 12), st.integers(1, 40), st.integers(1, 40)),
+    patch=st.tuples(st.integers(1, 10), st.integers(1, 32), st.integers(1, 32)),
+    frac=st.tuples(st.floats(0, 0.999), st.floats(0, 0.999), st.floats(0, 0.999)),
+    seed=st.integers(0, 2**16),
+)
+def test_forced_boxes_always_hold_their_cleft(shape, patch, frac, seed):
+    cleft = tuple(int(f * s) for f, s in zip(frac, shape))
+    lab = np.zeros(shape, np.uint8)
+    lab[cleft] = 1
+    src = source_from_arrays(np.zeros(shape, np.uint8), lab)
+    sampler = PatchSampler([src], patch, pos_fraction=1.0)
+    g = np.random.default_rng(seed)
+    for _ in range(5):
+        _, start, forced = sampler.sample_box(g)
+        assert forced
+        for c, s0, p, d in zip(cleft, start, patch, shape):
+            assert s0 <= c < s0 + p  # the cleft voxel is in the patch
+            assert s0 >= 0 and s0 + p <= d if p <= d else s0 <= 0  # inside, or centred if bigger
+        item = sampler.sample(g)
+        assert item["label"].shape == (1, *patch) and item["label"].sum() == 1
 
 
 def test_patch_dict_shapes_and_values(rng):
