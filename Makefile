@@ -29,7 +29,7 @@ test-slow: $(STAMP) system-deps
 	$(PY) -m pytest -q -m slow
 
 demo: $(STAMP)
-	$(VENV)/bin/bbem train configs/demo.yaml --run-dir runs/demo --demo
+	$(PY) -m bbem.demo --config configs/demo.yaml --run-dir runs/demo
 
 bench: $(STAMP)
 	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
