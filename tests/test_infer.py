@@ -1,0 +1,431 @@
+"""bbem.infer: block-wise inference, local and on Dask, resumable; and bbem export."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from bbem import infer
+from bbem.errors import UserError
+from bbem.infer import make_plan, normalize_raw, predict_volume
+from bbem.model import CHECKPOINT_FORMAT, EXPORT_FORMAT, build_model, load_inference_model
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"channels": [4, 8, 16], "strides": [[1, 2, 2], [1, 2, 2]], "num_res_units": 1}
+ROI = (4, 16, 16)  # the patch size the tiny export "was trained with"
+HALO = (1, 4, 4)  # the default: a quarter of the window
+VOXEL, OFFSET = (40.0, 4.0, 4.0), (80.0, 8.0, 16.0)
+
+
+def _save_export(path: Path, model_cfg: dict, state: dict, patch=ROI) -> Path:
+    info = {"config": {"data": {"patch_size": list(patch)}, "model": model_cfg}}
+    torch.save(
+        {"format": EXPORT_FORMAT, "model_config": model_cfg, "state_dict": state, "info": info},
+        path,
+    )
+    return path
+
+
+@pytest.fixture
+def export(tmp_path: Path) -> Path:
+    """A tiny random U-Net export (downsampling 1,4,4) whose training patch is ROI."""
+    torch.manual_seed(0)
+    return _save_export(tmp_path / "tiny.pt", TINY, build_model(TINY).state_dict())
+
+
+def _raw(rng: np.random.Generator, shape) -> np.ndarray:
+    # Smooth blobs, not white noise: the net's output then varies across the volume.
+    a = ndimage.gaussian_filter(rng.normal(size=shape), sigma=(0.7, 2.0, 2.0))
+    a = (a - a.min()) / (a.max() - a.min())
+    return (a * 255).astype(np.uint8)
+
+
+def _write(path: Path, data: np.ndarray) -> Path:
+    from bbem.volumes import write_volume
+
+    return write_volume(path, data, voxel_size=VOXEL, offset=OFFSET)
+
+
+@pytest.fixture
+def raw(tmp_path: Path, rng: np.random.Generator) -> tuple[Path, np.ndarray]:
+    data = _raw(rng, (8, 48, 40))
+    return _write(tmp_path / "raw.zarr", data), data
+
+
+def _read(path: Path) -> np.ndarray:
+    from bbem.volumes import open_volume
+
+    return open_volume(path).read()
+
+
+def _whole_volume(model, data: np.ndarray, roi=ROI, halo=HALO, tta=False) -> np.ndarray:
+    """The oracle: MONAI's sliding window over the whole volume at once, as uint8."""
+    from monai.inferers import sliding_window_inference
+
+    def predictor(w):
+        if not tta:
+            return torch.sigmoid(model(w))
+        flips = [(), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)]
+        outs = [
+            torch.sigmoid(model(torch.flip(w, d))).flip(d) if d else torch.sigmoid(model(w))
+            for d in flips
+        ]
+        return torch.stack(outs).mean(0)
+
+    x = torch.from_numpy(data.astype(np.float32) / 255)[None, None]
+    with torch.inference_mode():
+        p = sliding_window_inference(
+            x, roi, 1, predictor, overlap=[h / r for h, r in zip(halo, roi)], mode="gaussian"
+        )[0, 0].numpy()
+    return np.clip(np.rint(p * 255), 0, 255).astype(np.uint8)
+
+
+def _max_diff(a: np.ndarray, b: np.ndarray) -> int:
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+# -- unit pieces --------------------------------------------------------------------------------
+
+
+def test_normalize_raw():
+    assert normalize_raw(np.array([0, 255], np.uint8)).tolist() == [0.0, 1.0]
+    assert normalize_raw(np.array([65535], np.uint16)).tolist() == [1.0]
+    f = normalize_raw(np.array([0.25, -1.0], np.float64))
+    assert f.dtype == np.float32 and f.tolist() == [0.25, -1.0]
+    with pytest.raises(UserError, match="dtype int64"):
+        normalize_raw(np.array([1], np.int64))
+
+
+def test_plan_read_box_is_the_span_of_global_windows():
+    """Every block's region makes MONAI place exactly the global windows that touch the block."""
+    from monai.data.utils import dense_patch_slices
+
+    plan = make_plan((13, 90, 70), (1, 4, 4), block=(5, 40, 33), halo=(1, 10, 8), roi=(4, 32, 32))
+    glob = [
+        tuple((s.start, s.stop) for s in w)
+        for w in dense_patch_slices(plan.shape, plan.roi, plan.step)
+    ]
+    for index in plan.blocks():
+        read, own = plan.read_box(index), plan.block_box(index)
+        size = [r.stop - r.start for r in read]
+        local = [
+            tuple((s.start + r.start, s.stop + r.start) for s, r in zip(w, read))
+            for w in dense_patch_slices(size, plan.roi, plan.step)
+        ]
+        touching = [w for w in glob if all(a < o.stop and b > o.start for (a, b), o in zip(w, own))]
+        assert set(touching) <= set(local) <= set(glob)
+    # A block that is a multiple of the step reads one window more: roi - halo before, halo after.
+    plan = make_plan((18, 144, 144), (1, 4, 4), block=(6, 48, 48), roi=(4, 32, 32))
+    assert plan.halo == (1, 8, 8) and plan.step == (3, 24, 24)
+    assert plan.read_box((1, 1, 1)) == (slice(3, 13), slice(24, 104), slice(24, 104))
+
+
+def test_plan_defaults_and_caps():
+    plan = make_plan((20, 1024, 512), (2, 8, 8))
+    assert plan.roi == (16, 128, 128) and plan.halo == (4, 32, 32)
+    assert plan.block == (20, 288, 288)  # a multiple of the step 12,96,96; z capped
+    small = make_plan((3, 30, 50), (1, 4, 4), roi=(4, 32, 32))
+    assert small.roi == (3, 28, 32) and small.block == (3, 30, 50) and small.n_blocks == 1
+
+
+# -- the result ---------------------------------------------------------------------------------
+
+
+def test_block_size_independence_and_metadata(export: Path, raw, tmp_path: Path):
+    from bbem.volumes import open_volume
+
+    path, data = raw
+    model, _ = load_inference_model(export)
+    oracle = _whole_volume(model, data)
+    outs = {}
+    for block in [(4, 16, 16), (6, 24, 20), None]:
+        out = tmp_path / f"pred-{block}.zarr"
+        predict_volume(export, path, out, block=block, progress=False)
+        outs[block] = _read(out)
+        assert _max_diff(outs[block], oracle) <= 1, block
+    # Different grids agree with each other as well as with the oracle, and are not constant.
+    assert _max_diff(outs[(4, 16, 16)], outs[(6, 24, 20)]) <= 1
+    assert outs[None].std() > 1
+    vol = open_volume(tmp_path / "pred-(6, 24, 20).zarr")
+    assert vol.voxel_size == VOXEL and vol.offset == OFFSET
+    assert vol.chunks == (6, 24, 20) and vol.dtype == np.uint8
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_tta_and_threshold(export: Path, raw, tmp_path: Path):
+    path, data = raw
+    model, _ = load_inference_model(export)
+    out = predict_volume(
+        export,
+        path,
+        tmp_path / "t.zarr",
+        tta=True,
+        threshold=0.5,
+        progress=False,
+    )
+    prob = _read(out)
+    assert _max_diff(prob, _whole_volume(model, data, tta=True)) <= 1
+    assert _max_diff(prob, _whole_volume(model, data)) > 1  # the flips do change the result
+    labels = _read(out / "labels" / "clefts")
+    assert labels.dtype == np.uint8 and set(np.unique(labels)) <= {0, 1}
+    assert labels[prob >= 129].all() and not labels[prob <= 126].any()
+    assert 0 < labels.mean() < 1
+
+
+def test_tiff_output(export: Path, raw, tmp_path: Path):
+    path, _ = raw
+    z = predict_volume(export, path, tmp_path / "p.zarr", progress=False)
+    t = predict_volume(export, path, tmp_path / "p.tif", threshold=0.5, progress=False)
+    assert t.is_file() and (tmp_path / "p_clefts.tif").is_file()
+    assert np.array_equal(_read(t), _read(z))
+    assert not list(tmp_path.glob("p.tif.partial*"))
+
+
+def test_model_object_and_roi(raw, tmp_path: Path):
+    path, data = raw
+    torch.manual_seed(1)
+    model = build_model(TINY).eval()
+    out = predict_volume(
+        model, path, tmp_path / "m.zarr", roi_size=(4, 16, 16), block=(4, 16, 16), progress=False
+    )
+    assert _max_diff(_read(out), _whole_volume(model, data)) <= 1
+    with pytest.raises(UserError, match="multiple of the network's downsampling"):
+        predict_volume(model, path, tmp_path / "bad.zarr", roi_size=(4, 14, 16), progress=False)
+
+
+# -- output protocol ------------------------------------------------------------------------------
+
+
+def test_existing_output_and_partial_are_refused(export: Path, raw, tmp_path: Path):
+    path, _ = raw
+    out = tmp_path / "o.zarr"
+    predict_volume(export, path, out, progress=False)
+    with pytest.raises(UserError, match=r"exists.*--overwrite"):
+        predict_volume(export, path, out, progress=False)
+    before = _read(out)
+    (out / "0" / "marker").write_text("old")
+    predict_volume(export, path, out, overwrite=True, progress=False)
+    assert not (out / "0" / "marker").exists() and np.array_equal(_read(out), before)
+    # A leftover .partial asks for --resume; resuming a finished output is a no-op.
+    (tmp_path / "n.zarr.partial").mkdir()
+    with pytest.raises(UserError, match="--resume"):
+        predict_volume(export, path, tmp_path / "n.zarr", progress=False)
+    assert predict_volume(export, path, out, resume=True, progress=False) == out
+
+
+def test_resume_with_other_settings_is_refused(export: Path, raw, tmp_path: Path):
+    path, _ = raw
+    out = tmp_path / "o.zarr"
+    work = tmp_path / "o.zarr.partial"
+    plan = make_plan((8, 48, 40), (1, 4, 4), block=(4, 16, 16), roi=ROI)
+    infer._prepare_work(
+        work,
+        out,
+        infer._manifest(str(export), str(path), None, plan, False, None),
+        infer._open_volume(str(path), None),
+        plan,
+        None,
+        resume=False,
+    )
+    with pytest.raises(UserError, match=r"plan differ.*--overwrite"):
+        predict_volume(export, path, out, block=(6, 24, 20), resume=True, progress=False)
+
+
+def test_resume_after_sigkill_equals_uninterrupted(export: Path, tmp_path: Path, rng):
+    path = _write(tmp_path / "big.zarr", _raw(rng, (16, 48, 48)))  # 4 x 3 x 3 blocks
+    out = tmp_path / "k.zarr"
+    done = tmp_path / "k.zarr.partial" / ".bbem_done"
+    cmd = [
+        sys.executable,
+        "-m",
+        "bbem",
+        "infer",
+        str(export),
+        str(path),
+        str(out),
+        "--block",
+        "4,16,16",
+    ]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    try:
+        while not (done.is_dir() and len(os.listdir(done)) >= 5):
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "no block finished in time"
+            time.sleep(0.005)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    n_total = 4 * 3 * 3
+    finished = sorted(os.listdir(done))
+    assert 5 <= len(finished) < n_total, "the run must be killed part-way"
+    # The chunks of finished blocks must not be rewritten by the resumed run.
+    chunk = {m: out.with_name("k.zarr.partial") / "0" / "c" / Path(*m.split("_")) for m in finished}
+    stamps = {m: p.stat().st_mtime_ns for m, p in chunk.items() if p.is_file()}
+    assert len(stamps) >= 3
+
+    time.sleep(0.05)
+    predict_volume(export, path, out, block=(4, 16, 16), resume=True, progress=False)
+    ref = predict_volume(export, path, tmp_path / "ref.zarr", block=(4, 16, 16), progress=False)
+    assert np.array_equal(_read(out), _read(ref))
+    for m, t in stamps.items():
+        assert (out / "0" / "c" / Path(*m.split("_"))).stat().st_mtime_ns == t
+    assert not (out / ".bbem_done").exists() and not done.parent.exists()
+
+
+# -- Dask ---------------------------------------------------------------------------------------
+
+
+def test_local_cluster_equals_threads(export: Path, raw, tmp_path: Path, capsys):
+    path, _ = raw
+    a = predict_volume(export, path, tmp_path / "a.zarr", block=(4, 16, 16), progress=False)
+    b = predict_volume(
+        export, path, tmp_path / "b.zarr", block=(4, 16, 16), scheduler="local", workers=2
+    )
+    assert np.array_equal(_read(a), _read(b))
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    # 18 blocks on two worker processes on loopback; each loaded the model once.
+    assert "Dask tcp://127.0.0.1:" in summary and "2 workers" in summary, summary
+    assert "model loaded once per worker" in summary, summary
+
+
+@pytest.mark.slow
+def test_existing_scheduler_loads_model_once_per_worker(export: Path, raw, tmp_path: Path):
+    from distributed import Client, LocalCluster
+
+    path, _ = raw
+    with (
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        out = predict_volume(
+            export,
+            path,
+            tmp_path / "d.zarr",
+            block=(4, 16, 16),
+            scheduler=cluster.scheduler_address,
+            progress=False,
+        )
+        loads = client.run(lambda: __import__("bbem.infer").infer.MODEL_LOADS)
+    assert sorted(loads.values()) == [1, 1]
+    ref = predict_volume(export, path, tmp_path / "t.zarr", block=(4, 16, 16), progress=False)
+    assert np.array_equal(_read(out), _read(ref))
+
+
+def test_unreachable_scheduler_fails_fast(export: Path, raw, tmp_path: Path):
+    path, _ = raw
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    with pytest.raises(UserError, match="cannot reach the Dask scheduler"):
+        predict_volume(
+            export, path, tmp_path / "u.zarr", scheduler=f"tcp://127.0.0.1:{port}", progress=False
+        )
+    assert time.monotonic() - t0 < 15
+    with pytest.raises(UserError, match="threads, local or tcp"):
+        predict_volume(export, path, tmp_path / "v.zarr", scheduler="mpi", progress=False)
+
+
+# -- bad input ----------------------------------------------------------------------------------
+
+
+def test_bad_inputs(export: Path, raw, tmp_path: Path):
+    import zarr
+
+    path, _ = raw
+    out = tmp_path / "x.zarr"
+    with pytest.raises(UserError, match=r"not found|does not exist|no such"):
+        predict_volume(export, tmp_path / "missing.zarr", out, progress=False)
+    with pytest.raises(UserError, match=r"checkpoint .* not found"):
+        predict_volume(tmp_path / "missing.pt", path, out, progress=False)
+    other = _save_export(
+        tmp_path / "other.pt", TINY, build_model({**TINY, "channels": [8, 16, 32]}).state_dict()
+    )
+    with pytest.raises(UserError, match="does not fit"):
+        predict_volume(other, path, out, progress=False)
+    flat = tmp_path / "flat.zarr"
+    zarr.create_array(str(flat), shape=(64, 64), dtype="uint8", chunks=(32, 32))
+    with pytest.raises(UserError, match="3D"):
+        predict_volume(export, flat, out, progress=False)
+    with pytest.raises(UserError, match="smaller than the network's field of view"):
+        predict_volume(export, path, out, block=(2, 8, 8), progress=False)
+    with pytest.raises(UserError, match="halo"):
+        predict_volume(export, path, out, halo=(4, 4, 4), progress=False)
+    assert not out.exists() and not (tmp_path / "x.zarr.partial").exists()
+
+
+def test_cli_reports_user_errors(export: Path, raw, tmp_path: Path, capsys):
+    from bbem.cli import main
+
+    path, _ = raw
+    assert (
+        main(["infer", str(export), str(path), str(tmp_path / "c.zarr"), "--block", "1,8,8"]) == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "field of view" in err[0]
+    assert main(["infer", str(export), str(path), str(tmp_path / "c.zarr")]) == 0
+    assert "wrote" in capsys.readouterr().out
+
+
+# -- export ---------------------------------------------------------------------------------------
+
+
+def test_export_bakes_bb_masks(tmp_path: Path):
+    from bbem.model import export_model
+
+    bb_mod = pytest.importorskip("bbem.bb")
+    torch.manual_seed(0)
+    model = build_model(TINY)
+    bb_cfg = {"method": "random", "density": 0.5, "warmup_steps": 0, "refresh_every": 1}
+    bb = bb_mod.attach_bb(
+        model, bb_mod.BBConfig(**{k: v for k, v in bb_cfg.items()}), layers=(torch.nn.Conv3d,)
+    )
+    x = torch.rand(1, 1, 4, 16, 16)
+    model.train()
+    model(x).mean().backward()
+    bb.step()
+    model.eval()
+    with torch.no_grad():
+        want = model(x)
+    ckpt = tmp_path / "last.pt"
+    torch.save(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "step": 1,
+            "config": {"model": TINY, "bb": bb_cfg},
+            "model": model.state_dict(),
+            "bb": bb.state_dict(),
+        },
+        ckpt,
+    )
+    out = export_model(ckpt, tmp_path / "plain.pt")
+    data = torch.load(out, weights_only=False)
+    assert data["format"] == EXPORT_FORMAT
+    assert not any("parametrizations" in k for k in data["state_dict"])
+    plain, _ = load_inference_model(out)
+    with torch.no_grad():
+        assert torch.allclose(plain(x), want, atol=1e-5)
+    # The masks are in the weights: some whole kernel slabs of a masked conv are zero.
+    zero_slabs = sum(
+        int((w.flatten(2).abs().sum(-1) == 0).sum())
+        for k, w in data["state_dict"].items()
+        if w.ndim == 5
+    )
+    assert zero_slabs > 0
