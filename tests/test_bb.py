@@ -352,3 +352,16 @@ def test_stats_and_summary_shapes():
     s = bb.summary()
     assert s["density"] == pytest.approx(0.5) and 0 < s["model_param_density"] < 1
     assert set(st["ff1"]["balance"]) >= {"slope", "intercept", "r2"}
+
+
+def test_output_probe_reads_the_layer_not_the_activation():
+    conv = nn.Conv2d(2, 3, 1)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.bias.copy_(torch.tensor([1.0, -1.0, 1.0]))
+    model = nn.Sequential(conv, nn.BatchNorm2d(3, affine=False), nn.ReLU(), nn.Conv2d(3, 2, 1))
+    bb = attach_bb(model, BBConfig(density=0.5, ema=0.0, probe="output"), layers=["0"])
+    model.train()
+    model(torch.randn(8, 2, 4, 4))
+    bb.step()
+    assert bb.layers["0"].on_rate.tolist() == [1.0, 0.0, 1.0]

@@ -9,6 +9,7 @@ from typing import Any
 METHODS = ("bb", "bb_tiers", "magnitude", "random")
 MODES = ("in", "out")
 RESCALES = ("sqrt", "none")
+PROBES = ("act", "output")
 
 
 @dataclass
@@ -41,11 +42,16 @@ class BBConfig:
     tier_low: float = 0.1
     #: leave layers with a single input or output channel dense (a U-Net's first and last conv).
     skip_unit_fan: bool = True
+    #: where fan-in mode reads "on": ``act`` after the following activation (METHOD.md), or
+    #: ``output`` on the layer's own output. A norm layer between conv and activation centres
+    #: every channel, pinning act on-rates near 0.5; ``output`` sees the conv's own bias.
+    probe: str = "act"
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
         _choice("mode", self.mode, MODES)
         _choice("rescale", self.rescale, RESCALES)
+        _choice("probe", self.probe, PROBES)
         if not (isinstance(self.density, (int, float)) and 0 < self.density <= 1):
             raise ValueError(f"BBConfig.density must be in (0, 1], got {self.density!r}")
         if not (0 <= self.ema < 1):

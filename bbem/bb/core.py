@@ -398,7 +398,8 @@ def attach_bb(
         if config.method == "random":
             s = torch.rand(c_out, c_in, generator=gen)
             rec.rand_scores = (s if mode == "in" else s.T).to(device)
-        _add_probe_hooks(rec, leaves, leaf_index.get(name))
+        index = leaf_index.get(name) if config.probe == "act" else None
+        _add_probe_hooks(rec, leaves, index)
         records.append(rec)
     bb = BudgetedBroadcast(model, config, records, optimizer)
     model._bbem_bb = bb  # marks the model so a second attach is refused
