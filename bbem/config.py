@@ -20,6 +20,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -163,8 +164,9 @@ class ModelConfig(_Section):
         default_factory=lambda: [tuple(s) for s in DEFAULT_MODEL["strides"]]
     )
     num_res_units: int = Field(DEFAULT_MODEL["num_res_units"], ge=0)
-    norm: str = DEFAULT_MODEL["norm"]
-    act: str = DEFAULT_MODEL["act"]
+    #: A MONAI norm or activation name, or ``[name, {arguments}]`` (e.g. ``[group, {num_groups: 4}]``).
+    norm: str | tuple[str, dict[str, Any]] = DEFAULT_MODEL["norm"]
+    act: str | tuple[str, dict[str, Any]] = DEFAULT_MODEL["act"]
     dropout: float = Field(DEFAULT_MODEL["dropout"], ge=0.0, lt=1.0)
 
     @field_validator("channels")
@@ -172,6 +174,19 @@ class ModelConfig(_Section):
     def _channels(cls, v: list[int]) -> list[int]:
         if len(v) < 2 or min(v) <= 0:
             raise ValueError("must be at least two positive channel counts, e.g. [16, 32, 64]")
+        return v
+
+    @field_validator("norm", "act")
+    @classmethod
+    def _layer_name(cls, v: Any, info: ValidationInfo) -> Any:
+        from monai.networks.layers.factories import Act, Norm
+
+        names = [n.lower() for n in (Norm if info.field_name == "norm" else Act).names]
+        name = (v if isinstance(v, str) else v[0]).lower()
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"must be one of MONAI's {', '.join(names)}{hint}")
         return v
 
     @field_validator("strides")
@@ -219,6 +234,9 @@ class BBSection(_Section):
     tier_low: float = 0.1
     #: Leave convs with one input or output channel (the first and the last) dense.
     skip_unit_fan: bool = True
+    #: Where fan-in mode reads "on": after the following activation (``act``, METHOD.md) or on
+    #: the layer's own output (``output``).
+    probe: Literal["act", "output"] = "act"
 
     @field_validator("density", "dens_busy", "dens_rare")
     @classmethod
