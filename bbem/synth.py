@@ -115,9 +115,9 @@ def _neurites(shape: Sequence[int], vs: Sequence[float], rng: np.random.Generato
     # half resolution in-plane: the distance evaluation is the cost; the warp hides the steps
     hs = (Z, (Y + 1) // 2, (X + 1) // 2)
     zz, yy, xx = np.meshgrid(
-        (np.arange(hs[0]) + 0.5) * vs[0],
-        (np.arange(hs[1]) * 2 + 0.5) * vs[1],
-        (np.arange(hs[2]) * 2 + 0.5) * vs[2],
+        ((np.arange(hs[0]) + 0.5) * vs[0]).astype(np.float32),
+        ((np.arange(hs[1]) * 2 + 0.5) * vs[1]).astype(np.float32),
+        ((np.arange(hs[2]) * 2 + 0.5) * vs[2]).astype(np.float32),
         indexing="ij",
     )
     # large-scale bending of the neurites (coordinates warped before distances)
@@ -126,15 +126,20 @@ def _neurites(shape: Sequence[int], vs: Sequence[float], rng: np.random.Generato
     zz = zz + bend * 0.5 * _smooth_noise(rng, hs, lsig)
     yy = yy + bend * _smooth_noise(rng, hs, lsig)
     xx = xx + bend * _smooth_noise(rng, hs, lsig)
-    best = np.full(hs, np.inf, np.float32)
-    label = np.zeros(hs, np.uint32)
-    for i in range(n):
-        dz, dy, dx = zz - centre[i, 0], yy - centre[i, 1], xx - centre[i, 2]
-        along = dz * u[i, 0] + dy * u[i, 1] + dx * u[i, 2]
-        score = dz * dz + dy * dy + dx * dx - along * along - radius[i] ** 2
-        better = score < best
-        best[better] = score[better]
-        label[better] = i + 1
+    # power distance to line i: |p - c|^2 - ((p - c).u)^2 - r^2. Dropping |p|^2 (the same for
+    # every line) leaves -(p.u)^2 - 2 p.c' + k with c' = c - (c.u)u: two matmuls per chunk.
+    cu = (centre * u).sum(1)
+    cperp = centre - cu[:, None] * u
+    k = (cperp**2).sum(1) - radius**2
+    pts = np.stack([zz.ravel(), yy.ravel(), xx.ravel()], 1).astype(np.float32)
+    ut, ct = u.T.astype(np.float32), cperp.T.astype(np.float32)
+    label = np.empty(len(pts), np.uint32)
+    for start in range(0, len(pts), 1 << 15):
+        chunk = pts[start : start + (1 << 15)]
+        pu = chunk @ ut
+        score = k.astype(np.float32) - pu * pu - 2 * (chunk @ ct)
+        label[start : start + len(chunk)] = score.argmin(1) + 1
+    label = label.reshape(hs)
     # full resolution: sample the half-res ids at finely warped positions (wiggly membranes)
     fine = [max(1.0, 80 / vs[0]), 14.0, 14.0]
     wy = 3.5 * _smooth_noise(rng, shape, fine)
@@ -236,8 +241,9 @@ def _stamp_vesicles(
                 slice(max(0, y0 - h), min(Y, y0 + h + 1)),
                 slice(max(0, x0 - h), min(X, x0 + h + 1)),
             )
-            yy, xx = np.ogrid[ys, xs]
-            rho = np.sqrt((yy + 0.5 - cy / vs[1]) ** 2 + (xx + 0.5 - cx / vs[2]) ** 2)
+            yy = np.arange(ys.start, ys.stop)[:, None] + 0.5 - cy / vs[1]
+            xx = np.arange(xs.start, xs.stop)[None, :] + 0.5 - cx / vs[2]
+            rho = np.sqrt(yy * yy + xx * xx)
             ring = strength * np.exp(-(((rho - rs) / 1.2) ** 2)) * (1 - gap / r) ** 0.5
             dark[z, ys, xs] = np.maximum(dark[z, ys, xs], ring)
 
@@ -253,10 +259,12 @@ def _contact_sheet(
     b: int,
     vs: Sequence[float],
     rng: np.random.Generator,
+    taken: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """A sheet 3 voxels thick (1 on a, 2 on b) on the a|b interface around ``p``.
 
-    Returns (box origin, sheet mask in the box) or None when the contact is too small.
+    Returns (box origin, sheet mask in the box), or None when the contact is too small or
+    overlaps one already ``taken``.
     """
     r_lat = rng.uniform(150, 280)  # nm: contact radius in-plane
     r_z = rng.uniform(60, 140)  # nm: so a cleft spans ~3-7 sections
@@ -269,7 +277,7 @@ def _contact_sheet(
     g = np.ogrid[tuple(slice(lo[k], hi[k]) for k in range(3))]
     g = [(g[k] - p[k]) * vs[k] for k in range(3)]
     sheet &= (g[0] / r_z) ** 2 + (g[1] ** 2 + g[2] ** 2) / r_lat**2 <= 1
-    if sheet.sum() < 150:
+    if sheet.sum() < 150 or (sheet & taken[_box(lo, hi)]).any():
         return None
     cc, n = ndi.label(sheet, np.ones((3, 3, 3), bool))
     if n > 1:
@@ -337,7 +345,7 @@ def make_synthetic(
     target = rng.uniform(0.003, 0.006) * lab.size
     cand = np.flatnonzero(bnd & (dist == 0))
     cand = cand[rng.permutation(len(cand))[:3000]]
-    margin = np.ceil(np.array([120.0, 280.0, 280.0]) / vsa).astype(int)
+    margin = np.ceil(np.array([120.0, 210.0, 210.0]) / vsa).astype(int)
     ves_c: list[np.ndarray] = []
     ves_r: list[np.ndarray] = []
     n_syn = n_fake = n_lonely = 0
@@ -365,13 +373,11 @@ def make_synthetic(
         kind = min(open_kinds, key=lambda k: (count[k] + 1) / quota[k])
         if rng.random() < 0.5:
             a, b = b, a  # a is the presynaptic side
-        got = _contact_sheet(lab, p, a, b, vs, rng)
+        got = _contact_sheet(lab, p, a, b, vs, rng, taken)
         if got is None:
             continue
         slo, small = got
         shi = slo + np.array(small.shape)
-        if (taken[_box(slo, shi)] & small).any():
-            continue
         lo = np.maximum(slo - margin, 0)
         hi = np.minimum(shi + margin, shape)
         box = _box(lo, hi)
