@@ -294,6 +294,7 @@ class AugmentConfig(_Section):
     """Probabilities (per patch) and sizes of the augmentations (see :func:`bbem.data.build_augment`)."""
 
     enabled: bool = True
+    #: Probability of a flip along each of z, y, x (independently).
     flips: Prob = 0.5
     #: In-plane (y-x) quarter turns and transposes only: EM z is ~10x coarser than y, x.
     rot90: Prob = 0.5
