@@ -48,6 +48,8 @@ DEFAULT_BLOCK: ZYX = (32, 256, 256)
 SIGMA_SCALE = 0.125
 #: tiff output reads the finished volume whole, so it is for small volumes only.
 MAX_TIFF_VOXELS = 2**30
+#: How long an existing Dask scheduler may take to show a worker before we give up.
+WORKER_WAIT_S = 5
 DONE_DIR = ".bbem_done"
 MANIFEST = ".bbem_run.json"
 MANIFEST_VERSION = 1
@@ -365,12 +367,7 @@ def _run_block(job: _Job, index: ZYX, model: Any) -> tuple[ZYX, int, int, int]:
     """
     import zarr
 
-    try:
-        from bbem.metrics import to_uint8
-    except ImportError:  # TEMP until bbem.metrics lands
-
-        def to_uint8(p):
-            return np.clip(np.rint(p * 255), 0, 255).astype(np.uint8)
+    from bbem.metrics import to_uint8
 
     loads_before = MODEL_LOADS
     net = _load_model_cached(model) if isinstance(model, str) else model
@@ -586,6 +583,8 @@ def predict_volume(
                 f"an interrupted run left {work}: pass --resume to finish it or --overwrite "
                 "to start again"
             )
+    if scheduler not in ("threads", "local") and not str(scheduler).startswith("tcp://"):
+        raise UserError(f"--scheduler must be threads, local or tcp://HOST:PORT, got {scheduler!r}")
     if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
         raise UserError(f"--threshold must be a probability in [0, 1], got {threshold}")
 
@@ -614,35 +613,42 @@ def predict_volume(
             f"{math.prod(plan.shape)} voxels is too large for a tiff output: write a .zarr"
         )
 
-    manifest = _manifest(ckpt, input_s, key, plan, tta, threshold)
-    if overwrite:
-        remove(work)
-    work.parent.mkdir(parents=True, exist_ok=True)
-    prob_path, label_path = _prepare_work(
-        work, output, manifest, vol, plan, threshold, resume=resume
-    )
-    job = _Job(
-        input=input_s,
-        key=key,
-        input_id=(input_s, key, _mtime(input_s)),
-        work=str(work),
-        prob_path=prob_path,
-        label_path=label_path,
-        plan=plan,
-        tta=tta,
-        threshold=None if threshold is None else float(threshold),
-    )
-    done = _done_blocks(work)
-    todo = [i for i in plan.blocks() if i not in done]
-
-    t0 = time.perf_counter()
-    with _Progress(plan, len(done), enabled=progress) as bar:
-        if scheduler == "threads":
-            where = _run_threads(job, todo, ckpt, model, vol, bar)
-        else:
-            where = _run_dask(job, todo, ckpt, model, scheduler, workers, bar)
-    seconds = time.perf_counter() - t0
-    _finish(work, output, plan, label_path)
+    # Connect first: an unreachable scheduler fails in seconds and leaves nothing behind.
+    client, cluster = _connect(scheduler, workers) if scheduler != "threads" else (None, None)
+    try:
+        manifest = _manifest(ckpt, input_s, key, plan, tta, threshold)
+        if overwrite:
+            remove(work)
+        work.parent.mkdir(parents=True, exist_ok=True)
+        prob_path, label_path = _prepare_work(
+            work, output, manifest, vol, plan, threshold, resume=resume
+        )
+        job = _Job(
+            input=input_s,
+            key=key,
+            input_id=(input_s, key, _mtime(input_s)),
+            work=str(work),
+            prob_path=prob_path,
+            label_path=label_path,
+            plan=plan,
+            tta=tta,
+            threshold=None if threshold is None else float(threshold),
+        )
+        done = _done_blocks(work)
+        todo = [i for i in plan.blocks() if i not in done]
+        t0 = time.perf_counter()
+        with _Progress(plan, len(done), enabled=progress) as bar:
+            if client is None:
+                where = _run_threads(job, todo, ckpt, model, vol, bar)
+            else:
+                where = _run_dask(job, todo, ckpt, model, client, bar)
+        seconds = time.perf_counter() - t0
+        _finish(work, output, plan, label_path)
+    finally:
+        if client is not None:
+            client.close()
+        if cluster is not None:
+            cluster.close()
     if progress:
         voxels = sum(_box_size(plan.block_box(i)) for i in todo)
         print(
@@ -713,63 +719,58 @@ def _connect(scheduler: str, workers: int) -> tuple[Any, Any]:
         return Client(cluster), cluster
     if scheduler.startswith("tcp://"):
         try:
-            return Client(scheduler, timeout="5s"), None
+            client = Client(scheduler, timeout="5s")
         except (OSError, TimeoutError) as e:
             raise UserError(
                 f"cannot reach the Dask scheduler at {scheduler} ({type(e).__name__}): start it "
                 "with `dask scheduler` and workers with `dask worker ADDRESS`, or use "
                 "--scheduler local"
             ) from None
+        try:  # a scheduler without workers would leave every block waiting forever
+            client.wait_for_workers(1, timeout=WORKER_WAIT_S)
+        except (OSError, TimeoutError):
+            client.close()
+            raise UserError(
+                f"the Dask scheduler at {scheduler} has no workers after {WORKER_WAIT_S} s: "
+                f"start some with `dask worker {scheduler}`"
+            ) from None
+        return client, None
     raise UserError(f"--scheduler must be threads, local or tcp://HOST:PORT, got {scheduler!r}")
 
 
 def _run_dask(
-    job: _Job,
-    todo: list[ZYX],
-    ckpt: str | None,
-    model: Any,
-    scheduler: str,
-    workers: int,
-    bar: _Progress,
+    job: _Job, todo: list[ZYX], ckpt: str | None, model: Any, client: Any, bar: _Progress
 ) -> str:
     """Run the blocks on Dask; a summary of where they ran (address, workers, model loads)."""
     from distributed import as_completed
 
-    client, cluster = _connect(scheduler, workers)
-    try:
-        # A checkpoint path travels as a string (each worker loads it once); a model object is
-        # sent once to every worker.
-        ref = ckpt if ckpt is not None else client.scatter(model, broadcast=True)
-        n_workers = max(1, len(client.scheduler_info(n_workers=-1).get("workers", {})))
-        # Bounded submission: the scheduler holds a few tasks per worker, not one per block of
-        # a petavoxel volume.
-        pending = iter(todo)
-        window = 2 * n_workers + 2
-        futures = [
-            client.submit(_run_block, job, i, ref, pure=False)
-            for i in itertools.islice(pending, window)
-        ]
-        queue = as_completed(futures)
-        loads: dict[int, int] = {}
-        for fut in queue:
-            _, n, pid, loaded = fut.result()
-            loads[pid] = loads.get(pid, 0) + loaded
-            bar.advance(n)
-            nxt = next(pending, None)
-            if nxt is not None:
-                queue.add(client.submit(_run_block, job, nxt, ref, pure=False))
-        address = client.scheduler.address
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
+    # A checkpoint path travels as a string (each worker loads it once); a model object is
+    # sent once to every worker.
+    ref = ckpt if ckpt is not None else client.scatter(model, broadcast=True)
+    n_workers = max(1, len(client.scheduler_info(n_workers=-1).get("workers", {})))
+    # Bounded submission: the scheduler holds a few tasks per worker, not one per block of a
+    # petavoxel volume.
+    pending = iter(todo)
+    futures = [
+        client.submit(_run_block, job, i, ref, pure=False)
+        for i in itertools.islice(pending, 2 * n_workers + 2)
+    ]
+    queue = as_completed(futures)
+    loads: dict[int, int] = {}
+    for fut in queue:
+        _, n, pid, loaded = fut.result()
+        loads[pid] = loads.get(pid, 0) + loaded
+        bar.advance(n)
+        nxt = next(pending, None)
+        if nxt is not None:
+            queue.add(client.submit(_run_block, job, nxt, ref, pure=False))
     if ckpt is None:
         how = "model sent to every worker"
     elif set(loads.values()) == {1}:
         how = "model loaded once per worker"
     else:
         how = f"model loads per worker: {sorted(loads.values())}"
-    return f"on Dask {address} with {n_workers} workers ({how})"
+    return f"on Dask {client.scheduler.address} with {n_workers} workers ({how})"
 
 
 # -- progress ---------------------------------------------------------------------------------------

@@ -339,8 +339,29 @@ def test_unreachable_scheduler_fails_fast(export: Path, raw, tmp_path: Path):
             export, path, tmp_path / "u.zarr", scheduler=f"tcp://127.0.0.1:{port}", progress=False
         )
     assert time.monotonic() - t0 < 15
+    assert not list(tmp_path.glob("u.zarr*"))  # nothing written: not even a .partial
     with pytest.raises(UserError, match="threads, local or tcp"):
         predict_volume(export, path, tmp_path / "v.zarr", scheduler="mpi", progress=False)
+
+
+def test_scheduler_without_workers_fails_fast(export: Path, raw, tmp_path: Path):
+    from distributed import LocalCluster
+
+    path, _ = raw
+    with LocalCluster(
+        n_workers=0, processes=True, host="127.0.0.1", dashboard_address=None
+    ) as cluster:
+        t0 = time.monotonic()
+        with pytest.raises(UserError, match="has no workers"):
+            predict_volume(
+                export,
+                path,
+                tmp_path / "w.zarr",
+                progress=False,
+                scheduler=cluster.scheduler_address,
+            )
+    assert time.monotonic() - t0 < 20
+    assert not list(tmp_path.glob("w.zarr*"))
 
 
 # -- bad input ----------------------------------------------------------------------------------
