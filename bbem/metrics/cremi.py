@@ -62,7 +62,7 @@ class CremiDistances:
         self,
         voxel_size: tuple[float, float, float],
         distance_nm: float = 200.0,
-        max_points: int = 30_000_000,
+        max_points: int = 16_000_000,
     ) -> None:
         self.voxel_size = np.asarray(voxel_size, dtype=np.float64)
         self.distance_nm = float(distance_nm)
@@ -122,7 +122,8 @@ class CremiDistances:
         targets = self._bnd[other]
         if not targets:
             return None
-        tree = cKDTree(np.concatenate(targets) * self.voxel_size)
+        # leaves of 64 points: ~2x faster queries from far away (noise) than the default 16
+        tree = cKDTree(np.concatenate(targets) * self.voxel_size, leafsize=64)
         q = np.concatenate(self._query[name]) if self._query[name] else np.zeros((0, 3), np.int32)
         out = np.empty(len(q), dtype=np.float64)
         for s in range(0, len(q), _BATCH):

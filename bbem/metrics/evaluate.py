@@ -51,7 +51,7 @@ def evaluate(
     cremi_distance_nm: float = 200.0,
     truth_instances: str = "auto",
     slab_voxels: int = 16_000_000,
-    max_cremi_points: int = 30_000_000,
+    max_cremi_points: int = 16_000_000,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Every measure of ``prediction`` against ``truth`` (``Volume``, numpy, zarr or h5py

@@ -70,7 +70,7 @@ class Objects:
         )
         offset = self._n
         if n:
-            st = cc3d.statistics(lab)
+            st = cc3d.statistics(lab, no_slice_conversion=True)
             counts = np.asarray(st["voxel_counts"][1:], dtype=np.float64)
             sums = np.asarray(st["centroids"][1:], dtype=np.float64) * counts[:, None]
             sums[:, 0] += z0 * counts
@@ -280,7 +280,7 @@ def object_metrics(
     for a, b, c in zip(pp.tolist(), tt.tolist(), counts.tolist(), strict=True):
         agg[(a, b)] = agg.get((a, b), 0) + c
     keep = p_sizes >= min_size
-    psz = {int(k): float(s) for k, s, ok in zip(p_keys, p_sizes, keep, strict=True) if ok}
+    psz = dict(zip(p_keys[keep].tolist(), p_sizes[keep].tolist(), strict=True))
     tsz = {int(k): float(s) for k, s in zip(t_keys, t_sizes, strict=True)}
     overlap = {k: v for k, v in agg.items() if k[0] in psz}
     touched_t: dict[int, int] = {}
