@@ -52,6 +52,7 @@ def evaluate(
     truth_instances: str = "auto",
     slab_voxels: int = 16_000_000,
     max_cremi_points: int = 16_000_000,
+    cremi: bool = True,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Every measure of ``prediction`` against ``truth`` (``Volume``, numpy, zarr or h5py
@@ -62,6 +63,7 @@ def evaluate(
     (nonzero). ``voxel_size``: nm (z, y, x); default the truth's, else the prediction's, else 1.
     ``margin``: voxels (z, y, x) not scored at each border. ``threshold``: probability for the
     object and CREMI measures (a voxel is cleft when ``round(255 p) >= round(255 threshold)``).
+    ``cremi=False`` skips the CREMI distances (the slowest part for noisy predictions).
 
     Returns ``{"voxel": {...}, "object": {...}, "cremi": {...}, "protocol": {...}}``.
     """
@@ -93,7 +95,9 @@ def evaluate(
     truth_cc = Objects("components", connectivity) if cc_ok else None
     truth_lab = Objects("labels") if label_ok else None
     ov_cc, ov_lab = Overlaps(), Overlaps()
-    cremi = CremiDistances(vs, cremi_distance_nm, max_cremi_points)
+    dist = CremiDistances(vs, cremi_distance_nm, max_cremi_points)
+    if not cremi:
+        dist.skipped = "not requested (cremi=False)"
 
     z_total = shape[0]
     step = _slab_depth(shape, getattr(prediction, "chunks", None), slab_voxels)
@@ -131,7 +135,8 @@ def evaluate(
             if truth_cc is not None:
                 tid, toff = truth_cc.add(tb_s, z0)
                 ov_cc.add(pid, poff, tid, tid > 0, toff)
-            cremi.add(pb, tb, scored, z0, last=z1 == z_total)
+            if cremi:
+                dist.add(pb, tb, scored, z0, last=z1 == z_total)
             advance(z1 - z0)
 
     if hist.n_voxels == 0:
@@ -187,7 +192,7 @@ def evaluate(
         "truth": names["truth"],
         "elapsed_s": round(time.perf_counter() - t_start, 3),
     }
-    return {"voxel": voxel, "object": objects, "cremi": cremi.result(), "protocol": protocol}
+    return {"voxel": voxel, "object": objects, "cremi": dist.result(), "protocol": protocol}
 
 
 def evaluate_from_cli(
@@ -348,7 +353,11 @@ def _slab_depth(shape: tuple[int, ...], chunks: Any, slab_voxels: int) -> int:
     """Sections per slab: ~``slab_voxels`` voxels, a multiple of the chunk depth when it fits."""
     plane = shape[1] * shape[2]
     depth = max(1, min(shape[0], slab_voxels // plane))
-    cz = int(chunks[0]) if chunks else 0
+    try:  # zarr/h5py/Volume: ints; dask: a tuple of block sizes per axis
+        c0 = chunks[0] if chunks else 0
+        cz = int(c0[0] if isinstance(c0, tuple) else c0)
+    except (TypeError, IndexError, ValueError):
+        cz = 0
     if 0 < cz <= depth:
         depth = depth // cz * cz
     return depth
