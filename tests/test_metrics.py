@@ -445,6 +445,8 @@ def test_dask_input_and_cremi_off():
 
     truth = _sheet_scene()
     prob = (truth > 0).astype(np.float32)
-    r = evaluate(da.from_array(prob, chunks=(4, 24, 24)), da.from_array(truth), cremi=False)
+    r = evaluate(
+        da.from_array(prob, chunks=(4, 24, 24)), da.from_array(truth), cremi=False, min_size=1
+    )
     assert r["voxel"]["pr_auc"] == 1.0 and r["object"]["iou_0.5"]["tp"] == 3
     assert r["cremi"]["skipped"].startswith("not requested") and r["cremi"]["score"] is None
