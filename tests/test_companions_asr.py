@@ -209,7 +209,15 @@ def test_tiny_bb_run_writes_a_run_directory(tmp_path):
     with (run / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [3, 6]
-    for col in ("time_s", "train_loss", "density", "val_wer", "val_wer_tail", "val_cer"):
+    for col in (
+        "time_s",
+        "train_loss",
+        "density",
+        "val_wer",
+        "val_wer_tail",
+        "val_cer",
+        "bb_on_rate_mean",
+    ):
         assert col in rows[0]
     assert row["density"] == pytest.approx(0.5, abs=0.02)
     with (run / "bb.csv").open() as f:

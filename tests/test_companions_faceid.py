@@ -189,6 +189,10 @@ def test_tiny_bb_run_writes_a_run_directory(tmp_path):
     assert layers == {f"stages.{s}.0.conv{c}" for s in (0, 1) for c in (1, 3)}
     ck = torch.load(run / "checkpoints" / "best.pt", weights_only=False)
     assert {"format", "step", "config", "model", "bb", "optimizer", "metrics"} <= set(ck)
+    # `bbem report` reads a companion run like an EM one
+    report = pytest.importorskip("bbem.report")
+    report.make_report(run)
+    assert (run / "report" / "curves.png").is_file() and (run / "report" / "balance.png").is_file()
 
 
 def test_magnitude_and_dense_at_the_same_density(tmp_path):

@@ -30,6 +30,8 @@ from bbem.rundir import RunDir
 #: Same payload shape as the EM checkpoints (see bbem.model), plus a ``task`` key.
 CHECKPOINT_FORMAT = "bbem-checkpoint-1"
 BB_METHODS = ("dense", "bb", "bb_tiers", "magnitude", "random")
+#: ``bb.summary()`` keys logged as ``bb_<key>`` metrics columns, as ``bbem train`` does.
+BB_SUMMARY = ("param_density", "on_rate_mean", "entropy_mean", "balance_r2")
 
 
 # -- config ---------------------------------------------------------------------------------------
@@ -263,8 +265,12 @@ def train(task: Task, cfg: Mapping[str, Any], run_dir: str | os.PathLike) -> dic
                     "time_s": round(time.perf_counter() - t0, 2),
                     "train_loss": round(float(np.mean(losses)), 5),
                     "density": round(density, 5),
+                    "lr": opt.param_groups[0]["lr"],
                     **{k: round(float(v), 5) for k, v in val.items()},
                 }
+                if bb is not None:  # the same BB columns as the EM training
+                    s = bb.summary()
+                    row |= {f"bb_{k}": round(float(s[k]), 6) for k in BB_SUMMARY if k in s}
                 losses = []
                 rd.append_metrics(row)
                 rd.append_bb(step, bb)
