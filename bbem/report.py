@@ -358,17 +358,25 @@ def _plot_balance(bb: Mapping[str, np.ndarray], summary: Mapping[str, Any], path
     return save_figure(fig, path)
 
 
+def layer_density(bb: Mapping[str, np.ndarray]) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """``(steps[S], layers[L] in network order, density[L, S])`` from bb.csv columns: kept edges
+    over edges per layer and step, summed in one pass (bb.csv can hold millions of rows)."""
+    steps, si = np.unique(bb["step"], return_inverse=True)
+    layers = _layers(bb)
+    names, li = np.unique(bb["layer"], return_inverse=True)
+    key = li * len(steps) + si
+    n = len(names) * len(steps)
+    kept = np.bincount(key, weights=bb["degree"], minlength=n).reshape(len(names), -1)
+    full = np.bincount(key, weights=bb["full_fan"], minlength=n).reshape(len(names), -1)
+    dens = kept / np.maximum(full, 1)
+    return steps, layers, dens[np.searchsorted(names, layers)]
+
+
 def _plot_density(bb: Mapping[str, np.ndarray], path: Path) -> Path:
     fig = Figure(figsize=(6.4, 4.2), layout="constrained")
     ax = fig.add_subplot()
-    steps = np.unique(bb["step"])
-    for i, name in enumerate(_layers(bb)):
-        sel = bb["layer"] == name
-        d = [
-            bb["degree"][sel & (bb["step"] == s)].sum()
-            / max(bb["full_fan"][sel & (bb["step"] == s)].sum(), 1)
-            for s in steps
-        ]
+    steps, layers, dens = layer_density(bb)
+    for i, (name, d) in enumerate(zip(layers, dens, strict=True)):
         ax.plot(
             steps,
             d,

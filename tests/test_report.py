@@ -96,6 +96,20 @@ def test_em_run_report(tmp_path):
     with (run / "bb.csv").open() as f:
         last = [r for r in csv.DictReader(f) if r["step"] == "30" and r["layer"] == "model.0.conv"]
     assert layer["density"] == pytest.approx(sum(int(r["degree"]) for r in last) / (8 * 4))
+    # per-layer density over steps, against a plain loop over bb.csv rows
+    from bbem.report import _read_bb, layer_density
+
+    bbd = _read_bb(run / "bb.csv")
+    steps, layers, dens = layer_density(bbd)
+    assert layers == ["model.0.conv", "model.1.submodule.conv"] and list(steps) == [0, 10, 20, 30]
+    with (run / "bb.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    for i, name in enumerate(layers):
+        for j, st in enumerate(steps):
+            sel = [r for r in rows if r["layer"] == name and float(r["step"]) == st]
+            ref = sum(int(r["degree"]) for r in sel) / sum(int(r["full_fan"]) for r in sel)
+            assert dens[i, j] == pytest.approx(ref)
+    assert dens[:, 0].tolist() == [1.0, 1.0]  # step 0 is dense
     # the first step's on-rates were random: a poor fit there
     assert bb["net_balance_first"]["r2"] is None or bb["net_balance_first"]["r2"] < 0.9
 
