@@ -151,7 +151,7 @@ def train(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train a cleft detector; returns the final row of ``metrics.csv`` plus ``run_dir``."""
-    from bbem.data import auto_pos_weight, load_val_volumes, open_sources
+    from bbem.data import auto_pos_weight, load_val_volumes
 
     if resume is not None:
         rd = RunDir.open(resume)
@@ -174,9 +174,10 @@ def train(
     if bb is not None:
         bb.set_optimizer(opt)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    batches = _Batches(cfg)
     pos_weight = cfg.loss.pos_weight
     if pos_weight == "auto":
-        pos_weight = auto_pos_weight(open_sources(cfg, "train"))
+        pos_weight = auto_pos_weight(batches.dataset.sources)
     loss_fn = CleftLoss(cfg.loss.bce_weight, cfg.loss.dice_weight, float(pos_weight)).to(device)
     use_amp = device.type == "cuda" and cfg.train.amp in ("auto", True)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -201,7 +202,6 @@ def train(
         if step >= cfg.train.steps:
             raise UserError(f"run {rd.path} already finished ({step} steps): nothing to resume")
 
-    batches = _Batches(cfg)
     val_volumes = load_val_volumes(cfg)
     rd.log.info("training %s on %s: %d steps", cfg.name, device, cfg.train.steps)
     t0 = time.perf_counter() - elapsed0
