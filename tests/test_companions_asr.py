@@ -254,3 +254,31 @@ def test_quick_config_learns(tmp_path):
     cfg["train"]["quiet"] = True
     row = asr.run(cfg, tmp_path / "run")
     assert row["val_wer"] < 0.5
+
+
+# -- the shared config loader ---------------------------------------------------------------------
+
+
+def test_load_config_merges_defaults_and_names_mistakes(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model: {d_model: 64}\nbb: {method: magnitude, density: 0.3}\n")
+    cfg = load_config(p, asr.DEFAULTS, ["train.steps=7", "bb.density=0.25"])
+    assert cfg["model"]["d_model"] == 64 and cfg["model"]["heads"] == asr.DEFAULTS["model"]["heads"]
+    assert cfg["train"]["steps"] == 7 and cfg["bb"] == {
+        **asr.DEFAULTS["bb"],
+        "method": "magnitude",
+        "density": 0.25,
+    }
+    assert asr.DEFAULTS["model"]["d_model"] == 128  # defaults are not modified
+    p.write_text("data: [1, 2\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(p, asr.DEFAULTS)
+    p.write_text("- a\n- b\n")
+    with pytest.raises(UserError, match="mapping of sections"):
+        load_config(p, asr.DEFAULTS)
+    with pytest.raises(UserError, match="featurs is unknown"):
+        load_config({"featurs": {}}, asr.DEFAULTS)
+    with pytest.raises(UserError, match=r"bb section: .*density"):
+        from bbem.companions.common import attach_from_config
+
+        attach_from_config(torch.nn.Linear(4, 4), {"density": 2.0}, (torch.nn.Linear,), {}, None)
