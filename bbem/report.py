@@ -93,12 +93,61 @@ def report_from_cli(run_dir: str) -> dict[str, Any]:
     """``bbem report RUN_DIR``: make the report and say where it went."""
     summary = make_report(run_dir)
     out = Path(run_dir) / "report"
+    print_summary(summary)
     print(
         f"wrote {out}/: {', '.join(Path(p).name for p in summary['plots'].values())}, summary.json"
     )
     for n in summary["notes"]:
         print(f"note: {n}")
     return summary
+
+
+def print_summary(summary: Mapping[str, Any], console: Any = None) -> None:
+    """The run at a glance on the terminal: best validation values, and the BB layers."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    t = Table(
+        title=f"{summary['name'] or summary['run_dir']}: {summary['method']}, "
+        f"{summary['steps']} steps",
+        title_justify="left",
+    )
+    for col in ("validation", "best", "at step", "final"):
+        t.add_column(col, justify="right")
+    final = summary.get("final") or {}
+    for k, b in (summary.get("best_of_columns") or {}).items():
+        t.add_row(k.removeprefix("val_"), _fmt(b["value"]), str(b["step"]), _fmt(final.get(k)))
+    console.print(t)
+    bb = summary.get("bb")
+    if not bb:
+        return
+    t = Table(title=f"BB layers at step {bb['last_step']}", title_justify="left")
+    for col in ("layer", "units", "density", "mean on-rate", "entropy bits", "balance R²"):
+        t.add_column(col, justify="right")
+    for name, lay in bb["layers"].items():
+        t.add_row(
+            _short(name),
+            str(lay["units"]),
+            _fmt(lay["density"]),
+            _fmt(lay["on_rate_mean"]),
+            _fmt(lay["entropy_mean_bits"]),
+            _fmt(lay["balance"].get("r2")),
+        )
+    nb = bb["net_balance"]
+    t.add_row(
+        "net",
+        "",
+        _fmt(bb["density"]),
+        "",
+        "",
+        f"{_fmt(nb.get('r2'))} (slope {_fmt(nb.get('slope'))})",
+    )
+    console.print(t)
+
+
+def _fmt(v: Any) -> str:
+    return "n/a" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
 
 
 # -- inputs ----------------------------------------------------------------------------------------

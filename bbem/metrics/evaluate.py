@@ -218,7 +218,11 @@ def evaluate_from_cli(
     if plot_path:
         from bbem.metrics.plot import plot_pr_curve
 
-        plot_pr_curve(result["voxel"]["curve"], plot_path, title=f"{Path(prediction).name}")
+        plot_pr_curve(
+            result["voxel"]["curve"],
+            plot_path,
+            title=f"{Path(prediction).name} vs {Path(truth).name}",
+        )
         print(f"wrote {plot_path}")
     return result
 
