@@ -83,10 +83,13 @@ def _whole_volume(model, data: np.ndarray, roi=ROI, halo=HALO, tta=False) -> np.
         return torch.stack(outs).mean(0)
 
     x = torch.from_numpy(data.astype(np.float32) / 255)[None, None]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # intra-op threads spin badly on a busy 2-core machine
     with torch.inference_mode():
         p = sliding_window_inference(
             x, roi, 1, predictor, overlap=[h / r for h, r in zip(halo, roi)], mode="gaussian"
         )[0, 0].numpy()
+    torch.set_num_threads(threads)
     return np.clip(np.rint(p * 255), 0, 255).astype(np.uint8)
 
 
