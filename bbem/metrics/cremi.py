@@ -50,6 +50,20 @@ def boundary(b: np.ndarray, above: np.ndarray | None, last: bool) -> np.ndarray:
     return b & ~inner
 
 
+def coords(b: np.ndarray, z0: int = 0) -> np.ndarray:
+    """``[n, 3]`` int32 (z + z0, y, x) of the True voxels of ``b`` (z, y, x).
+
+    flatnonzero and a divmod: several times faster than ``np.argwhere`` on a 3D slab.
+    """
+    idx = np.flatnonzero(b)
+    plane = b.shape[1] * b.shape[2]
+    out = np.empty((idx.size, 3), dtype=np.int32)
+    z, rest = np.divmod(idx, plane)
+    out[:, 0] = z + z0
+    out[:, 1], out[:, 2] = np.divmod(rest, b.shape[2])
+    return out
+
+
 class CremiDistances:
     """Accumulates what the CREMI measures need, slab by slab; :meth:`result` computes them.
 
@@ -112,9 +126,7 @@ class CremiDistances:
                 lst.clear()
             return
         if n:
-            c = np.argwhere(b).astype(np.int32)
-            c[:, 0] += z0
-            store.append(c)
+            store.append(coords(b, z0))
 
     def _distances(self, name: str, other: str) -> np.ndarray | None:
         """Distances (nm) of the kept query voxels of ``name`` to the set ``other``; None when

@@ -19,6 +19,7 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 from bbem.errors import UserError
+from bbem.metrics.cremi import coords
 
 _FACE_SHIFTS = {
     6: [(0, 0)],
@@ -84,15 +85,13 @@ class Objects:
         return lab, offset
 
     def _add_labels(self, labels: np.ndarray, z0: int, where: np.ndarray | None) -> None:
-        nz = np.nonzero(labels if where is None else where)
-        ids, inv, counts = np.unique(labels[nz], return_inverse=True, return_counts=True)
+        c = coords(labels != 0 if where is None else where, z0)
+        ids, inv, counts = np.unique(
+            labels[c[:, 0] - z0, c[:, 1], c[:, 2]], return_inverse=True, return_counts=True
+        )
         if ids.size:
             sums = np.stack(
-                [
-                    np.bincount(inv, weights=c, minlength=ids.size)
-                    for c in (nz[0] + z0, nz[1], nz[2])
-                ],
-                1,
+                [np.bincount(inv, weights=c[:, a], minlength=ids.size) for a in range(3)], 1
             )
             self._ids.append(ids)
             self._sizes.append(counts.astype(np.float64))
@@ -167,13 +166,14 @@ class Overlaps:
         truth_offset: int = 0,
     ) -> None:
         """Count pairs where ``pred_ids > 0`` and ``truth_where``; ids are local + offset."""
-        both = (pred_ids > 0) & truth_where
-        if not both.any():
+        idx = np.flatnonzero((pred_ids > 0) & truth_where)  # one scan, two gathers
+        if not idx.size:
             return
-        tid = truth_ids[both]
+        tid = np.ravel(truth_ids)[idx]
+        pid = np.ravel(pred_ids)[idx].astype(np.int64) + pred_offset
         tkeys, tinv = np.unique(tid, return_inverse=True)
         pairs, counts = np.unique(
-            np.stack([pred_ids[both].astype(np.int64) + pred_offset, tinv.astype(np.int64)], 1),
+            np.stack([pid, tinv.astype(np.int64)], 1),
             axis=0,
             return_counts=True,
         )
