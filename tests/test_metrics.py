@@ -450,3 +450,14 @@ def test_dask_input_and_cremi_off():
     )
     assert r["voxel"]["pr_auc"] == 1.0 and r["object"]["iou_0.5"]["tp"] == 3
     assert r["cremi"]["skipped"].startswith("not requested") and r["cremi"]["score"] is None
+
+
+@pytest.mark.parametrize(
+    "dtype,ids", [(np.int32, (-5, 7)), (np.uint64, (2**63 + 5, 3)), (np.int64, (1, 2**40))]
+)
+def test_any_label_ids_are_instances(dtype, ids):
+    t = np.zeros((6, 20, 20), dtype)
+    t[1:4, 2:8, 2:8] = ids[0]
+    t[1:4, 10:18, 10:18] = ids[1]
+    o = evaluate((t != 0).astype(np.float32), t, min_size=1)["object"]
+    assert o["n_true"] == 2 and o["iou_0.5"]["tp"] == 2 and o["iou_0.5"]["f1"] == 1.0

@@ -31,9 +31,9 @@ _FACE_SHIFTS = {
 class Objects:
     """Instances of a volume streamed in z-slabs: components of a binary mask, or given label ids.
 
-    ``add(slab, z0)`` returns the slab's instance ids (int64, 0 = background) so the caller can
-    relate them to another :class:`Objects`; ids of components are provisional until
-    :meth:`finish`, which maps them to final ids ``1..n`` (``final_id[provisional]``).
+    ``add(slab, z0)`` returns the slab's instance ids and their offset, so the caller can relate
+    them to another :class:`Objects` (see :class:`Overlaps`); component ids are provisional until
+    :meth:`finish` joins those that touch across slab faces.
     """
 
     def __init__(self, kind: str = "components", connectivity: int = 26) -> None:
@@ -118,7 +118,7 @@ class Objects:
 
         ``keys``: the final instance keys (components: 1..n; labels: the label ids), ``sizes`` and
         ``centroids`` (voxel units, z, y, x) per key. ``final_id`` maps a provisional component id
-        to its index in ``keys`` (labels: None-like empty array; use ``np.searchsorted(keys, id)``).
+        to its index in ``keys`` (labels: an empty array; ids are their own keys).
         """
         sizes = np.concatenate(self._sizes) if self._sizes else np.zeros(0)
         sums = np.concatenate(self._sums) if self._sums else np.zeros((0, 3))
@@ -154,7 +154,8 @@ class Overlaps:
     """Voxel counts of (prediction instance, truth instance) pairs, accumulated over slabs."""
 
     def __init__(self) -> None:
-        self._pairs: list[np.ndarray] = []
+        self._pred: list[np.ndarray] = []
+        self._truth: list[np.ndarray] = []
         self._counts: list[np.ndarray] = []
 
     def add(
@@ -173,20 +174,19 @@ class Overlaps:
         pid = np.ravel(pred_ids)[idx].astype(np.int64) + pred_offset
         tkeys, tinv = np.unique(tid, return_inverse=True)
         pairs, counts = np.unique(
-            np.stack([pid, tinv.astype(np.int64)], 1),
-            axis=0,
-            return_counts=True,
+            np.stack([pid, tinv.astype(np.int64)], 1), axis=0, return_counts=True
         )
-        # truth ids stay uint64 (CREMI ids may not fit int64 arithmetic)
-        t_global = tkeys[pairs[:, 1]].astype(np.uint64) + np.uint64(truth_offset)
-        self._pairs.append(np.stack([pairs[:, 0].astype(np.uint64), t_global], 1))
+        # truth label ids keep their dtype (uint64 CREMI ids need not fit int64)
+        t = tkeys[pairs[:, 1]]
+        self._truth.append(t.astype(np.int64) + truth_offset if truth_offset else t)
+        self._pred.append(pairs[:, 0])
         self._counts.append(counts)
 
-    def table(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(pairs[k, 2] of (pred id, truth id) as uint64, counts[k])``, pairs unique."""
-        if not self._pairs:
-            return np.zeros((0, 2), np.uint64), np.zeros(0, np.int64)
-        return np.concatenate(self._pairs), np.concatenate(self._counts)
+    def table(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(pred ids, truth ids, voxel counts)``; a pair may repeat (once per slab)."""
+        if not self._pred:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.concatenate(self._pred), np.concatenate(self._truth), np.concatenate(self._counts)
 
 
 def match(
@@ -269,13 +269,11 @@ def object_metrics(
     """
     p_keys, p_sizes, p_cent, p_final = pred.finish()
     t_keys, t_sizes, t_cent, t_final = truth.finish()
-    pairs, counts = overlaps.table()
+    pp, tt, counts = overlaps.table()
     # provisional ids -> final keys, then aggregate duplicate pairs
-    pp = pairs[:, 0].astype(np.int64)
     pp = p_keys[p_final[pp]] if pred.kind == "components" else pp
-    tt = pairs[:, 1]
     if truth.kind == "components":
-        tt = t_keys[t_final[tt.astype(np.int64)]].astype(np.uint64)
+        tt = t_keys[t_final[tt.astype(np.int64)]]
     agg: dict[tuple[int, int], int] = {}
     for a, b, c in zip(pp.tolist(), tt.tolist(), counts.tolist(), strict=True):
         agg[(a, b)] = agg.get((a, b), 0) + c
