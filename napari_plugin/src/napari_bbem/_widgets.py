@@ -1,0 +1,203 @@
+"""The dock widgets: thin Qt/magicgui shells over :mod:`napari_bbem.predict` and
+:mod:`napari_bbem.onrates`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSlider,
+    Label,
+    PushButton,
+    Slider,
+)
+
+from bbem.errors import UserError
+from napari_bbem.onrates import OnRates, plot_layer_step, read_on_rates
+from napari_bbem.predict import predict_array, threshold_clefts
+
+if TYPE_CHECKING:
+    import napari
+
+
+def _message(e: BaseException) -> str:
+    # a UserError already says what to do; anything else gets its type for the bug report
+    return str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+
+
+class PredictionsWidget(Container):
+    """Run a checkpoint over an image layer; show probabilities and thresholded clefts.
+
+    Adds ``<image> cleft probability`` (uint8, magma, additive) and ``<image> clefts`` (one
+    label per connected cleft at the threshold), with the image's scale and translate.
+    """
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.checkpoint = FileEdit(label="checkpoint", filter="*.pt", mode="r")
+        self.image = ComboBox(label="image", choices=self._image_layers)
+        self.tta = CheckBox(text="flip averaging (8x slower)", value=False)
+        self.run = PushButton(text="Predict")
+        self.threshold = FloatSlider(label="threshold", min=0.0, max=1.0, step=0.01, value=0.5)
+        self.status = Label(value="choose a checkpoint and an image")
+        self.status.native.setWordWrap(True)
+        self.extend([self.checkpoint, self.image, self.tta, self.run, self.threshold, self.status])
+        self.prob: np.ndarray | None = None
+        self.prob_layer: Any = None
+        self.clefts_layer: Any = None
+        self.worker: Any = None
+        self.run.changed.connect(self.start)
+        self.threshold.changed.connect(self._show_clefts)
+        for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
+            event.connect(self.reset_choices)
+
+    def _image_layers(self, _widget: Any = None) -> list[tuple[str, Any]]:
+        from napari.layers import Image
+
+        return [
+            (layer.name, layer)
+            for layer in self.viewer.layers
+            if isinstance(layer, Image)
+            and layer.metadata.get("bbem_kind") != "probability"
+            and not layer.name.endswith(" cleft probability")
+        ]
+
+    def start(self) -> Any:
+        """Predict in a worker thread (the viewer stays responsive); returns the worker."""
+        from napari.qt.threading import thread_worker
+
+        layer = self.image.value
+        ckpt = self.checkpoint.value
+        if layer is None:
+            self.status.value = "no image layer: open a volume first"
+            return None
+        if not ckpt or not Path(ckpt).is_file():
+            self.status.value = "choose a checkpoint file (.pt)"
+            return None
+        data = layer.data[0] if layer.multiscale else layer.data
+        self.run.enabled = False
+        self.status.value = f"predicting {layer.name} {tuple(data.shape)}..."
+        # our own "errored" handler: the message goes to the status line, not a traceback
+        worker = thread_worker(
+            predict_array,
+            progress={"desc": "bbem prediction"},
+            connect={"errored": self._failed},
+            start_thread=False,
+        )(str(ckpt), data, tta=self.tta.value)
+        worker.returned.connect(lambda prob: self._show(layer, prob))
+        worker.finished.connect(lambda: setattr(self.run, "enabled", True))
+        self.worker = worker
+        worker.start()
+        return worker
+
+    def _failed(self, e: BaseException) -> None:
+        self.status.value = f"failed: {_message(e)}"
+
+    def _show(self, source: Any, prob: np.ndarray) -> None:
+        self.prob = prob
+        name = f"{source.name} cleft probability"
+        geometry = {"scale": source.scale, "translate": source.translate}
+        if name in self.viewer.layers:
+            self.prob_layer = self.viewer.layers[name]
+            self.prob_layer.data = prob
+        else:
+            self.prob_layer = self.viewer.add_image(
+                prob,
+                name=name,
+                colormap="magma",
+                blending="additive",
+                contrast_limits=(0, 255),
+                opacity=0.8,
+                metadata={"bbem_kind": "probability"},
+                **geometry,
+            )
+        self._show_clefts(source=source)
+
+    def _show_clefts(self, _value: Any = None, source: Any = None) -> None:
+        if self.prob is None:
+            return
+        clefts = threshold_clefts(self.prob, self.threshold.value)
+        n = int(clefts.max())
+        base = self.prob_layer.name.removesuffix(" cleft probability")
+        name = f"{base} clefts"
+        if name in self.viewer.layers:
+            self.clefts_layer = self.viewer.layers[name]
+            self.clefts_layer.data = clefts
+        else:
+            ref = source if source is not None else self.prob_layer
+            self.clefts_layer = self.viewer.add_labels(
+                clefts, name=name, scale=ref.scale, translate=ref.translate, opacity=0.6
+            )
+        self.status.value = (
+            f"{n} cleft{'' if n == 1 else 's'} at p >= {self.threshold.value:.2f} "
+            f"(max p {self.prob.max() / 255:.2f})"
+        )
+
+
+class OnRatesWidget(Container):
+    """Per-channel on-rate, kept degree and the balance plot of one layer at one logged step."""
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer | None = None) -> None:
+        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+        from matplotlib.figure import Figure
+
+        super().__init__()
+        self.viewer = napari_viewer
+        self.data: OnRates | None = None
+        self.run_dir = FileEdit(label="run directory", mode="d")
+        self.layer = ComboBox(label="layer", choices=[])
+        self.step = Slider(label="step", min=0, max=0, value=0)
+        self.status = Label(value="choose a run directory (with bb.csv)")
+        self.status.native.setWordWrap(True)
+        self.extend([self.run_dir, self.layer, self.step, self.status])
+        self.figure = Figure(figsize=(4.0, 7.0), layout="constrained")
+        self.canvas = FigureCanvasQTAgg(self.figure)
+        self.canvas.setMinimumHeight(520)
+        self.native.layout().addWidget(self.canvas)
+        self.run_dir.changed.connect(self.load)
+        self.layer.changed.connect(self._layer_changed)
+        self.step.changed.connect(self.draw)
+
+    def load(self, path: Any = None) -> None:
+        """Read ``bb.csv`` of the chosen run directory and draw its last step."""
+        try:
+            self.data = read_on_rates(self.run_dir.value if path is None else path)
+        except UserError as e:
+            self.data = None
+            self.status.value = _message(e)
+            return
+        self.layer.choices = self.data.layers
+        self.layer.value = self.data.layers[0]
+        self._layer_changed()
+
+    def _layer_changed(self, _value: Any = None) -> None:
+        if self.data is None or self.layer.value is None:
+            return
+        steps = self.data.steps(self.layer.value)
+        with self.step.changed.blocked():
+            self.step.max = len(steps) - 1
+            self.step.value = len(steps) - 1
+        self.draw()
+
+    def draw(self, _value: Any = None) -> None:
+        """Redraw the figure for the chosen layer and step index."""
+        if self.data is None or self.layer.value is None:
+            return
+        steps = self.data.steps(self.layer.value)
+        step = steps[min(int(self.step.value), len(steps) - 1)]
+        ls = self.data.at(self.layer.value, step)
+        plot_layer_step(self.figure, ls)
+        self.canvas.draw_idle()
+        self.status.value = (
+            f"step {step} ({len(steps)} logged): {ls.unit.size} units, "
+            f"mean on-rate {ls.on_rate.mean():.3f}, density "
+            f"{ls.degree.sum() / ls.full_fan.sum():.3f}"
+        )

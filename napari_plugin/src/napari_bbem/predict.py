@@ -1,0 +1,76 @@
+"""Cleft prediction on an in-memory volume (what the "Predictions" widget runs), without Qt.
+
+The same steps as ``bbem infer`` for one block: the checkpoint's model and sliding window
+(:func:`bbem.model.load_inference_model`, :func:`bbem.infer.make_plan`), raw normalised by
+:func:`bbem.infer.normalize_raw`, MONAI's Gaussian-blended windows
+(:func:`bbem.infer.predict_region`), probabilities stored as uint8 levels
+(:func:`bbem.metrics.to_uint8`). Volumes too large for memory go through ``bbem infer``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+from bbem.errors import UserError
+
+#: Largest volume predicted in the viewer (voxels); float32 input and output take 8 bytes each.
+MAX_VOXELS = 2**27
+
+
+def predict_array(
+    checkpoint: str | os.PathLike,
+    raw: Any,
+    tta: bool = False,
+    roi_size: tuple[int, int, int] | None = None,
+) -> np.ndarray:
+    """Cleft probabilities ``[Z, Y, X]`` uint8 (``rint(255 p)``) for raw EM ``[Z, Y, X]``.
+
+    ``checkpoint``: a training checkpoint or an export. ``raw``: a numpy or dask array (uint8,
+    uint16 or float in [0, 1]), read whole. ``roi_size``: the sliding window; by default the
+    checkpoint's training patch size (as ``bbem infer``), capped to the volume.
+    """
+    from bbem.infer import make_plan, model_factor, normalize_raw, predict_region
+    from bbem.metrics import to_uint8
+    from bbem.model import load_inference_model
+
+    shape = tuple(int(s) for s in np.shape(raw))
+    if len(shape) != 3:
+        raise UserError(
+            f"the image has shape {shape}: cleft prediction needs a 3D volume (z, y, x) with "
+            "one channel"
+        )
+    if math.prod(shape) > MAX_VOXELS:
+        raise UserError(
+            f"the image has {math.prod(shape):,} voxels, more than the viewer predicts in memory "
+            f"({MAX_VOXELS:,}): run `bbem infer CHECKPOINT INPUT OUT.zarr` and open OUT.zarr"
+        )
+    if not os.path.isfile(checkpoint):
+        raise UserError(f"checkpoint {checkpoint} does not exist: choose a .pt file")
+    model, info = load_inference_model(checkpoint)
+    if roi_size is None:
+        patch = ((info.get("config") or {}).get("data") or {}).get("patch_size")
+        roi_size = tuple(patch) if patch else None
+    plan = make_plan(shape, model_factor(model, info["model_config"]), block=shape, roi=roi_size)
+    x = normalize_raw(np.asarray(raw))
+    return to_uint8(predict_region(model, x, plan, tta=tta))
+
+
+def threshold_clefts(prob: np.ndarray, threshold: float) -> np.ndarray:
+    """Connected clefts ``[Z, Y, X]`` uint32 (0 background, 1..n) where ``prob >= threshold``.
+
+    ``prob``: uint8 levels (``rint(255 p)``, as :func:`predict_array` and ``bbem infer`` write)
+    or float probabilities; ``threshold`` a probability in [0, 1]. 26-connectivity, as
+    bbem's object metrics count clefts.
+    """
+    import cc3d
+
+    if not 0.0 <= float(threshold) <= 1.0:
+        raise UserError(f"threshold must be a probability in [0, 1], got {threshold}")
+    p = np.asarray(prob)
+    level = float(threshold) * 255 if p.dtype == np.uint8 else float(threshold)
+    mask = p >= level
+    return cc3d.connected_components(mask, connectivity=26).astype(np.uint32, copy=False)

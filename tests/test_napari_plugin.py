@@ -1,0 +1,356 @@
+"""napari-bbem: reader, prediction and on-rate functions without Qt; the widgets in a real viewer.
+
+The Qt tests need an X display for napari's OpenGL canvas: pytest-xvfb starts Xvfb when it is
+installed (``make system-deps``); without a display they are skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari_bbem")
+
+import h5py
+import torch
+from matplotlib.figure import Figure
+from napari_bbem.onrates import balance_points, plot_layer_step, read_on_rates
+from napari_bbem.predict import predict_array, threshold_clefts
+from napari_bbem.reader import read_bbem, volume_keys
+from scipy import ndimage
+
+from bbem.errors import UserError
+from bbem.model import EXPORT_FORMAT, build_model
+from bbem.volumes import write_volumes
+
+TINY = {"channels": [4, 8], "strides": [[1, 2, 2]], "num_res_units": 1}
+VS = (40.0, 4.0, 4.0)
+CLEFT_BG = np.iinfo(np.uint64).max
+
+#: What napari needs to draw a layer: a Qt platform with an OpenGL context. Probed in a child
+#: process because Qt aborts the whole process when it cannot open its display.
+GL_PROBE = """
+from qtpy.QtWidgets import QApplication
+app = QApplication([])
+from napari._vispy.utils.gl import get_gl_extensions
+assert get_gl_extensions(), "no OpenGL extensions"
+"""
+
+
+@pytest.fixture(scope="module")
+def gl_display() -> None:
+    """Skip unless Qt can open a display with OpenGL (pytest-xvfb provides one when Xvfb is
+    installed: ``make system-deps``)."""
+    if not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY"):
+        pytest.skip("no display for napari's OpenGL canvas: install xvfb (make system-deps)")
+    r = subprocess.run(
+        [sys.executable, "-c", GL_PROBE], capture_output=True, text=True, timeout=300
+    )
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["Qt aborted"])[-1]
+        pytest.skip(f"Qt cannot open an OpenGL display ({last}): install xvfb (make system-deps)")
+
+
+@pytest.fixture(scope="module")
+def volume() -> dict[str, np.ndarray]:
+    from bbem.synth import make_synthetic
+
+    return make_synthetic((8, 64, 64), seed=3, voxel_size=VS)
+
+
+@pytest.fixture(scope="module")
+def synth_zarr(tmp_path_factory, volume) -> Path:
+    path = tmp_path_factory.mktemp("synth") / "synth.zarr"
+    keys = {"raw": "volumes/raw", "clefts": "volumes/labels/clefts"}
+    keys["neuron_ids"] = "volumes/labels/neuron_ids"
+    return write_volumes(
+        path, {k: volume[n] for n, k in keys.items()}, voxel_size=VS, offset=(80, 8, 4)
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = build_model(TINY)
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    torch.save(
+        {
+            "format": EXPORT_FORMAT,
+            "model_config": TINY,
+            "state_dict": model.state_dict(),
+            "info": {},
+        },
+        path,
+    )
+    return path
+
+
+# -- reader -----------------------------------------------------------------------------------------
+
+
+def test_reader_synth_zarr(synth_zarr, volume):
+    layers = read_bbem(synth_zarr)
+    kinds = [(kw["name"], t) for _, kw, t in layers]
+    # raw first, clefts drawn last (on top of the neurons)
+    assert kinds == [("raw", "image"), ("neuron_ids", "labels"), ("clefts", "labels")]
+    for data, kw, _ in layers:
+        assert kw["scale"] == VS and kw["translate"] == (80, 8, 4)
+        assert type(data).__module__.startswith("dask")  # lazy
+    raw, clefts = layers[0][0], layers[2][0]
+    np.testing.assert_array_equal(raw.compute(), volume["raw"])
+    np.testing.assert_array_equal(clefts.compute(), volume["clefts"])
+    assert layers[0][1]["contrast_limits"] == (0, 255)
+
+
+def test_reader_cremi_hdf5(tmp_path):
+    raw = np.arange(4 * 16 * 16, dtype=np.uint8).reshape(4, 16, 16)
+    clefts = np.full(raw.shape, CLEFT_BG, np.uint64)
+    clefts[1:3, 4:6, 4:10] = 7
+    path = tmp_path / "sample_A.hdf"
+    with h5py.File(path, "w") as f:
+        for key, a in (("volumes/raw", raw), ("volumes/labels/clefts", clefts)):
+            ds = f.create_dataset(key, data=a, chunks=(2, 8, 8))
+            ds.attrs["resolution"] = (40.0, 4.0, 4.0)
+            ds.attrs["offset"] = (40.0, 0.0, 8.0)
+        f.create_dataset("annotations/ids", data=np.arange(3))  # not a volume
+    assert volume_keys(path) == [("volumes/raw", "image"), ("volumes/labels/clefts", "labels")]
+    (r, rkw, rt), (c, ckw, ct) = read_bbem(path)
+    assert (rt, ct) == ("image", "labels")
+    assert rkw["scale"] == ckw["scale"] == (40.0, 4.0, 4.0)
+    assert rkw["translate"] == (40.0, 0.0, 8.0)
+    np.testing.assert_array_equal(r.compute(), raw)
+    # CREMI's "no cleft" (largest uint64) reads as background 0
+    np.testing.assert_array_equal(c.compute(), np.where(clefts == CLEFT_BG, 0, clefts))
+
+
+def test_reader_inference_output(tmp_path, synth_zarr, tiny_export):
+    from bbem.infer import predict_volume
+
+    out = predict_volume(
+        tiny_export, synth_zarr, tmp_path / "pred.zarr", threshold=0.5, progress=False
+    )
+    layers = read_bbem(out)
+    assert [t for _, _, t in layers] == ["image", "labels"]
+    (prob, kw, _), (lab, lkw, _) = layers
+    assert prob.dtype == np.uint8 and lab.dtype == np.uint8
+    assert kw["colormap"] == "magma" and kw["blending"] == "additive"
+    assert kw["contrast_limits"] == (0, 255) and kw["metadata"]["bbem_kind"] == "probability"
+    assert kw["scale"] == VS and kw["translate"] == (80, 8, 4)
+    assert lkw["name"] == "clefts"
+    # the viewer's in-memory prediction is exactly what `bbem infer` writes
+    np.testing.assert_array_equal(prob.compute(), predict_array(tiny_export, read_raw(synth_zarr)))
+
+
+def read_raw(path: Path) -> np.ndarray:
+    from bbem.volumes import open_volume
+
+    return open_volume(path, key="volumes/raw").read()
+
+
+def test_reader_refuses_other_paths(tmp_path):
+    from napari_bbem._reader import napari_get_reader
+
+    (tmp_path / "notes.txt").write_text("x")
+    assert napari_get_reader(str(tmp_path / "notes.txt")) is None
+    assert napari_get_reader(str(tmp_path)) is None  # a folder without zarr metadata
+    empty = tmp_path / "empty.h5"
+    with h5py.File(empty, "w") as f:
+        f.create_dataset("x", data=np.zeros(3))
+    with pytest.raises(UserError, match="no 3D volume"):
+        read_bbem(empty)
+
+
+# -- prediction functions ---------------------------------------------------------------------------
+
+
+def test_predict_array_checks(tiny_export, tmp_path):
+    with pytest.raises(UserError, match="3D volume"):
+        predict_array(tiny_export, np.zeros((64, 64), np.uint8))
+    with pytest.raises(UserError, match="does not exist"):
+        predict_array(tmp_path / "nope.pt", np.zeros((4, 32, 32), np.uint8))
+    with pytest.raises(UserError, match="dtype int64"):
+        predict_array(tiny_export, np.zeros((4, 32, 32), np.int64))
+    p = predict_array(tiny_export, np.full((4, 32, 32), 128, np.uint8))
+    assert p.shape == (4, 32, 32) and p.dtype == np.uint8
+
+
+def test_threshold_clefts_matches_scipy(rng):
+    prob = (rng.random((6, 24, 24)) ** 4 * 255).astype(np.uint8)
+    for t in (0.3, 0.5, 0.8):
+        ours = threshold_clefts(prob, t)
+        mask = prob >= t * 255
+        ref, n = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+        assert ours.max() == n and (ours > 0).sum() == mask.sum()
+        # same partition of the voxels (label numbers may differ)
+        pairs = np.unique(np.stack([ours[mask], ref[mask]]), axis=1)
+        assert pairs.shape[1] == n
+    assert threshold_clefts(np.array([[[0.2, 0.5, 0.9]]]), 0.5).tolist() == [[[0, 1, 1]]]
+    with pytest.raises(UserError, match="probability"):
+        threshold_clefts(prob, 1.5)
+
+
+# -- on-rates ---------------------------------------------------------------------------------------
+
+BB_CSV = textwrap.dedent(
+    """\
+    step,layer,mode,unit,on_rate,degree,full_fan,traffic
+    10,conv1,in,1,0.2,3,4,0.6
+    10,conv1,in,0,0.5,4,4,2.0
+    10,conv1,in,2,0.9,1,4,0.9
+    10,conv2,out,0,0.4,6,8,2.4
+    10,conv2,out,1,0.6,2,8,1.2
+    20,conv1,in,0,0.4,2,4,0.8
+    20,conv1,in,1,0.3,4,4,1.2
+    20,conv1,in,2,0.7,2,4,1.4
+    20,conv2,out,0,0.5,4,8,2.0
+    20,conv2,out,1,
+    """
+)
+
+
+@pytest.fixture
+def run_dir(tmp_path) -> Path:
+    (tmp_path / "bb.csv").write_text(BB_CSV)
+    return tmp_path
+
+
+def test_read_on_rates(run_dir):
+    d = read_on_rates(run_dir)
+    assert d.layers == ["conv1", "conv2"]
+    assert d.steps("conv1") == [10, 20] and d.steps("conv2") == [10, 20]
+    s = d.at("conv1", 10)  # rows were out of unit order
+    assert s.unit.tolist() == [0, 1, 2] and s.on_rate.tolist() == [0.5, 0.2, 0.9]
+    assert s.degree.tolist() == [4, 3, 1] and s.full_fan.tolist() == [4, 4, 4]
+    assert s.mode == "in" and s.traffic.tolist() == [2.0, 0.6, 0.9]
+    late = d.at("conv2", 20)  # the half-written last row is dropped
+    assert late.unit.tolist() == [0] and late.mode == "out"
+    with pytest.raises(UserError, match=r"no step 15 .* logged steps are 10, 20"):
+        d.at("conv1", 15)
+    with pytest.raises(UserError, match="no layer 'fc'"):
+        d.steps("fc")
+
+
+def test_read_on_rates_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        read_on_rates(tmp_path)
+    (tmp_path / "bb.csv").write_text("step,layer,mode,unit,on_rate,degree,full_fan,traffic\n")
+    with pytest.raises(UserError, match="no rows"):
+        read_on_rates(tmp_path)
+    (tmp_path / "bb.csv").write_text("step,layer\n1,a\n")
+    with pytest.raises(UserError, match="lacks columns"):
+        read_on_rates(tmp_path)
+
+
+def test_balance_points_and_plot(run_dir):
+    s = read_on_rates(run_dir).at("conv1", 20)
+    x, y = balance_points(s.on_rate, s.degree, s.full_fan)
+    np.testing.assert_allclose(x, [0.5, 1.0, 0.5])
+    np.testing.assert_allclose(y, np.log([0.6 / 0.4, 0.7 / 0.3, 0.3 / 0.7]))
+    _, y0 = balance_points(np.array([0.0, 1.0]), np.array([1, 1]), np.array([2, 2]))
+    assert np.all(np.isfinite(y0))  # clamped like the BB controller
+    fit = s.balance()
+    slope, intercept = np.polyfit(x, y, 1)
+    assert fit["slope"] == pytest.approx(slope) and fit["intercept"] == pytest.approx(intercept)
+
+    fig = plot_layer_step(Figure(), s)
+    ax_a, ax_k, ax_b = fig.axes
+    assert [p.get_height() for p in ax_a.patches] == pytest.approx(s.on_rate.tolist())
+    assert [p.get_height() for p in ax_k.patches] == s.degree.tolist()
+    np.testing.assert_allclose(ax_b.collections[0].get_offsets(), np.c_[x, y])
+
+
+# -- the widgets in a real viewer -------------------------------------------------------------------
+
+
+def test_viewer_opens_with_plugin(gl_display, make_napari_viewer, synth_zarr):
+    viewer = make_napari_viewer()
+    viewer.open(str(synth_zarr), plugin="napari-bbem")
+    assert [(layer.name, type(layer).__name__) for layer in viewer.layers] == [
+        ("raw", "Image"),
+        ("neuron_ids", "Labels"),
+        ("clefts", "Labels"),
+    ]
+    np.testing.assert_allclose(viewer.layers["raw"].scale, VS)
+    np.testing.assert_allclose(viewer.layers["clefts"].translate, (80, 8, 4))
+    _save(viewer.screenshot(canvas_only=False), "/tmp/napari_reader.png")
+
+
+def test_predictions_widget(gl_display, make_napari_viewer, qtbot, synth_zarr, tiny_export, volume):
+    from napari_bbem._widgets import PredictionsWidget
+
+    viewer = make_napari_viewer()
+    viewer.add_image(volume["raw"], name="raw", scale=VS)
+    widget = PredictionsWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Predictions")
+    assert widget.image.value is viewer.layers["raw"]
+    widget.checkpoint.value = tiny_export
+    assert widget.start() is not None
+    # wait on what the user sees: a signal could fire before a waiter connects
+    qtbot.waitUntil(lambda: "raw clefts" in viewer.layers, timeout=60_000)
+    qtbot.waitUntil(lambda: widget.run.enabled, timeout=10_000)
+    prob = viewer.layers["raw cleft probability"]
+    assert prob.colormap.name == "magma" and prob.blending == "additive"
+    np.testing.assert_allclose(prob.scale, VS)
+    np.testing.assert_array_equal(prob.data, predict_array(tiny_export, volume["raw"]))
+    # the slider re-thresholds the same prediction
+    widget.threshold.value = 0.0
+    assert (viewer.layers["raw clefts"].data > 0).all()
+    widget.threshold.value = 0.5
+    np.testing.assert_array_equal(
+        viewer.layers["raw clefts"].data, threshold_clefts(prob.data, 0.5)
+    )
+    assert "at p >= 0.50" in widget.status.value
+    viewer.window._qt_window.resize(1200, 800)
+    _save(viewer.screenshot(canvas_only=False), "/tmp/napari_predictions.png")
+
+
+def test_predictions_widget_reports_errors(gl_display, make_napari_viewer, qtbot, tmp_path):
+    from napari_bbem._widgets import PredictionsWidget
+
+    viewer = make_napari_viewer()
+    widget = PredictionsWidget(viewer)
+    assert widget.start() is None and "open a volume" in widget.status.value
+    viewer.add_image(np.zeros((32, 32), np.uint8), name="section")
+    bad = tmp_path / "bad.pt"
+    torch.save({"weights": 1}, bad)
+    widget.checkpoint.value = bad
+    assert widget.start() is not None
+    qtbot.waitUntil(lambda: widget.status.value.startswith("failed:"), timeout=30_000)
+    assert widget.status.value.startswith("failed:") and "3D volume" in widget.status.value
+    assert len(viewer.layers) == 1
+
+
+def test_on_rates_widget(gl_display, make_napari_viewer, qtbot, run_dir, tmp_path):
+    from napari_bbem._widgets import OnRatesWidget
+
+    viewer = make_napari_viewer()
+    widget = OnRatesWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="On-rates")
+    widget.load(tmp_path / "missing")
+    assert "does not exist" in widget.status.value
+    widget.run_dir.value = run_dir  # loads through the changed signal
+    assert widget.layer.choices == ("conv1", "conv2")
+    assert widget.step.max == 1 and widget.step.value == 1  # the last step
+    ax_a = widget.figure.axes[0]
+    assert [p.get_height() for p in ax_a.patches] == pytest.approx([0.4, 0.3, 0.7])
+    widget.step.value = 0
+    assert [p.get_height() for p in widget.figure.axes[0].patches] == pytest.approx([0.5, 0.2, 0.9])
+    widget.layer.value = "conv2"
+    assert "conv2, step 20" in widget.figure.axes[0].get_title()
+    widget.step.value = 0
+    qtbot.wait(50)
+    widget.native.resize(420, 820)
+    widget.native.grab().save("/tmp/napari_onrates.png")
+    assert Path("/tmp/napari_onrates.png").stat().st_size > 0
+
+
+def _save(img: np.ndarray, path: str) -> None:
+    import imageio.v3 as iio
+
+    iio.imwrite(path, img)
