@@ -461,3 +461,35 @@ def test_any_label_ids_are_instances(dtype, ids):
     t[1:4, 10:18, 10:18] = ids[1]
     o = evaluate((t != 0).astype(np.float32), t, min_size=1)["object"]
     assert o["n_true"] == 2 and o["iou_0.5"]["tp"] == 2 and o["iou_0.5"]["f1"] == 1.0
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    depth=st.integers(1, 7),
+    vs=st.tuples(st.sampled_from([1.0, 4.0, 40.0, 50.0]), st.sampled_from([1.0, 4.0, 4.6])),
+    density=st.sampled_from([0.01, 0.05, 0.3]),
+)
+def test_cremi_property_any_slab_depth(seed, depth, vs, density):
+    """Exact against scipy's EDT for any slab depth, voxel size and density of the sets."""
+    r_ = np.random.default_rng(seed)
+    shape = (7, 9, 8)
+    truth_b = r_.random(shape) < density
+    truth_b[r_.integers(0, 7), r_.integers(0, 9), r_.integers(0, 8)] = True
+    pred_b = r_.random(shape) < density
+    voxel = (vs[0], vs[1], vs[1])
+    r = evaluate(
+        pred_b.astype(np.uint8) * 255,
+        truth_b,
+        voxel_size=voxel,
+        slab_voxels=depth * 9 * 8,
+        cremi_distance_nm=3 * vs[1],
+    )["cremi"]
+    ref = _cremi_reference(pred_b, truth_b, np.ones(shape, bool), voxel, thr=3 * vs[1])
+    assert (r["fp"], r["fn"]) == (ref["fp"], ref["fn"])
+    if ref["adgt"].size and pred_b.any():
+        assert r["adgt"]["mean"] == pytest.approx(ref["adgt"].mean(), rel=1e-9, abs=1e-12)
+        assert r["adgt"]["max"] == pytest.approx(ref["adgt"].max())
+    if ref["adf"].size:
+        assert r["adf"]["mean"] == pytest.approx(ref["adf"].mean(), rel=1e-9, abs=1e-12)
+        assert r["adf"]["median"] == pytest.approx(np.median(ref["adf"]))
