@@ -217,6 +217,7 @@ def test_tiny_bb_run_writes_a_run_directory(tmp_path):
         "val_wer_tail",
         "val_cer",
         "bb_on_rate_mean",
+        "val_decorrelation",
     ):
         assert col in rows[0]
     assert row["density"] == pytest.approx(0.5, abs=0.02)
@@ -282,3 +283,20 @@ def test_load_config_merges_defaults_and_names_mistakes(tmp_path):
         from bbem.companions.common import attach_from_config
 
         attach_from_config(torch.nn.Linear(4, 4), {"density": 2.0}, (torch.nn.Linear,), {}, None)
+
+
+def test_unit_means_skip_padding():
+    from bbem.companions.common import UnitMeans
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU())
+    units = UnitMeans(net, ["0"], channel_dim=-1)
+    x = torch.randn(6, 5, 3)
+    lengths = torch.tensor([5, 2, 3, 5, 1, 4])
+    units.valid = torch.arange(5)[None] < lengths[:, None]
+    with torch.no_grad():
+        h = net[0](x)
+    net(x)
+    means = torch.stack([h[i, : lengths[i]].mean(0) for i in range(6)]).numpy()
+    r = np.abs(np.corrcoef(means.T))[~np.eye(4, dtype=bool)].mean()
+    assert units.decorrelation() == pytest.approx(r, rel=1e-5)

@@ -179,7 +179,7 @@ def test_tiny_bb_run_writes_a_run_directory(tmp_path):
     with (run / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [3, 6]
-    for col in ("time_s", "train_loss", "density", "val_top1", "val_auc", "val_tar_far1e-2"):
+    for col in ("time_s", "train_loss", "density", "val_top1", "val_auc", "val_decorrelation"):
         assert col in rows[0]
     if faceid.real_faces(16) is not None:
         assert 0 <= float(rows[-1]["val_real_auc"]) <= 1
@@ -244,3 +244,16 @@ def test_quick_config_learns(tmp_path):
     cfg["train"]["quiet"] = True
     row = faceid.run(cfg, tmp_path / "run")
     assert row["val_top1"] > 0.5 and row["val_auc"] > 0.8
+
+
+def test_unit_means_decorrelation_matches_numpy():
+    from bbem.companions.common import UnitMeans
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 5, 3), torch.nn.ReLU())
+    units = UnitMeans(net, ["1"])
+    with torch.no_grad():
+        m = net(torch.randn(30, 1, 8, 8)).mean((2, 3)).numpy()
+    r = np.abs(np.corrcoef(m.T))[~np.eye(5, dtype=bool)].mean()
+    assert units.decorrelation() == pytest.approx(r, rel=1e-5)
+    assert not net[1]._forward_hooks  # hooks removed

@@ -31,6 +31,7 @@ from torch import nn
 from bbem.atomic import atomic_output
 from bbem.companions.common import (
     Task,
+    UnitMeans,
     cache_key,
     default_run_dir,
     load_config,
@@ -664,16 +665,17 @@ def make_task(cfg: Mapping[str, Any], progress: bool = True) -> Task:
         return ctc(lp.transpose(0, 1), targets, lengths, tl)
 
     def evaluate(m: nn.Module) -> dict[str, float]:
-        hyps: list[str] = []
         order = np.argsort([len(x) for x in te.x])
-        out = [""] * len(te.x)
+        hyps = [""] * len(te.x)
+        units = UnitMeans(m, ["*.ffn.act"], channel_dim=-1)  # the feed-forward hidden units
         for i in range(0, len(order), 64):
             idx = order[i : i + 64].tolist()
             x, lengths, _, _ = te.batch(idx)
+            units.valid = torch.arange(x.shape[1])[None] < lengths[:, None]
             for j, h in zip(idx, ctc_greedy(m(x, lengths), lengths)):
-                out[j] = h
-        hyps = out
-        return {f"val_{k}": v for k, v in wer_report(te.text, hyps, buckets).items()}
+                hyps[j] = h
+        out = {f"val_{k}": v for k, v in wer_report(te.text, hyps, buckets).items()}
+        return out | {"val_decorrelation": units.decorrelation()}
 
     return Task(
         name="asr",

@@ -140,6 +140,48 @@ def attach_from_config(
         raise UserError(f"bb: {e}: check model.bb_layers / model.bb_modes") from None
 
 
+class UnitMeans:
+    """Per-sample channel means of the outputs of modules matching ``patterns`` (fnmatch on
+    module names), collected while it is active: the input of METHOD.md's decorrelation.
+
+    ``channel_dim`` is 1 for conv maps ``[N, C, ...]`` and -1 for sequences ``[N, T, C]``; for
+    the latter set ``.valid`` to a ``[N, T]`` bool mask so padding does not count.
+    """
+
+    def __init__(self, model: nn.Module, patterns: Sequence[str], channel_dim: int = 1):
+        import fnmatch
+
+        self.valid: torch.Tensor | None = None
+        self.means: dict[str, list[torch.Tensor]] = {}
+        self._hooks = []
+        for name, m in model.named_modules():
+            if any(fnmatch.fnmatchcase(name, p) for p in patterns):
+                self.means[name] = []
+                self._hooks.append(m.register_forward_hook(self._hook(name, channel_dim)))
+
+    def _hook(self, name: str, channel_dim: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, out: torch.Tensor) -> None:
+            x = out.detach().float()
+            if channel_dim == 1:
+                self.means[name].append(x.reshape(x.shape[0], x.shape[1], -1).mean(-1))
+            else:
+                w = torch.ones(x.shape[:2]) if self.valid is None else self.valid.float()
+                self.means[name].append((x * w[..., None]).sum(1) / w.sum(1, keepdim=True))
+
+        return hook
+
+    def decorrelation(self) -> float:
+        """Mean over the modules of the mean |Pearson r| between their units (lower: more
+        decorrelated), and remove the hooks."""
+        from bbem.bb import decorrelation
+
+        for h in self._hooks:
+            h.remove()
+        vals = [decorrelation(torch.cat(v)) for v in self.means.values() if v]
+        vals = [v for v in vals if math.isfinite(v)]
+        return float(np.mean(vals)) if vals else float("nan")
+
+
 # -- training loop --------------------------------------------------------------------------------
 
 

@@ -30,6 +30,7 @@ from torch import nn
 from bbem.atomic import atomic_output
 from bbem.companions.common import (
     Task,
+    UnitMeans,
     cache_key,
     default_run_dir,
     load_config,
@@ -604,8 +605,14 @@ def make_task(cfg: Mapping[str, Any]) -> Task:
     def evaluate(m: nn.Module) -> dict[str, float]:
         emb = _embed(m, data.test_x)
         top1 = float((m.logits(torch.from_numpy(emb)).argmax(1).numpy() == data.test_y).mean())
+        units = UnitMeans(m, ["*.act1", "*.act3"])  # the units whose fan-in BB prunes
         v = verification(_embed(m, data.unseen_x), data.unseen_y)
-        out = {"val_top1": top1, "val_auc": v["auc"], "val_tar_far1e-2": v["tar"]}
+        out = {
+            "val_top1": top1,
+            "val_auc": v["auc"],
+            "val_tar_far1e-2": v["tar"],
+            "val_decorrelation": units.decorrelation(),
+        }
         if real_aug is not None:
             r = verification(_embed(m, real_aug[0]), real_aug[1])
             out |= {"val_real_auc": r["auc"], "val_real_tar_far1e-2": r["tar"]}
