@@ -281,7 +281,7 @@ def _best_of(table: Mapping[str, np.ndarray]) -> dict[str, Any]:
     for k, v in table.items():
         if not k.startswith("val_") or np.all(np.isnan(v)):
             continue
-        lower = any(w in k for w in ("loss", "wer", "cer", "err", "eer"))
+        lower = any(w in k for w in ("loss", "wer", "cer", "err", "eer", "decorrelation"))
         i = int(np.nanargmin(v) if lower else np.nanargmax(v))
         out[k] = {
             "value": _num(float(v[i])),
