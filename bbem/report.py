@@ -74,7 +74,7 @@ def make_report(run_dir: str | os.PathLike) -> dict[str, Any]:
 
     summary = {
         "run_dir": str(rd.path),
-        "name": config.get("name"),
+        "name": config.get("name") or rd.path.name,
         "method": (config.get("bb") or {}).get("method", "dense") if config.get("bb") else "dense",
         "target_density": (config.get("bb") or {}).get("density"),
         "steps": int(table["step"][-1]) if table and "step" in table else None,
@@ -315,7 +315,9 @@ def _plot_curves(table: Mapping[str, np.ndarray], path: Path, title: str) -> Pat
         if panel == "loss":
             for k in losses:
                 ax.plot(step, table[k], marker="o", ms=3, label=k)
-            if all(np.nanmin(table[k]) > 0 for k in losses):
+            lo = min(np.nanmin(table[k]) for k in losses)
+            hi = max(np.nanmax(table[k]) for k in losses)
+            if lo > 0 and hi / lo > 20:  # log only when the loss spans decades
                 ax.set_yscale("log")
             ax.set(title="loss", ylabel="loss")
         elif panel == "val":
@@ -390,7 +392,7 @@ def _plot_balance(bb: Mapping[str, np.ndarray], summary: Mapping[str, Any], path
     else:
         ax.text(
             0.5,
-            0.95,
+            0.03,
             "fit undefined (fewer than two distinct degrees)",
             transform=ax.transAxes,
             ha="center",
