@@ -172,7 +172,7 @@ def test_prediction_shifted_by_sections_gives_expected_distance(sections, expect
     for k in ("adf", "adgt"):
         assert r[k]["mean"] == pytest.approx(d) and r[k]["max"] == pytest.approx(d)
         assert r[k]["std"] == pytest.approx(0.0, abs=1e-9)
-    assert r["score"] == pytest.approx(d)
+    assert r["score"] == pytest.approx(d) and r["adf_mean"] == pytest.approx(d)
     n = 12 * 12
     assert (r["fp"], r["fn"]) == ((n, n) if expect_far else (0, 0))
 

@@ -162,6 +162,8 @@ class CremiDistances:
         if self.skipped is not None:
             return {
                 "skipped": self.skipped,
+                "adf_mean": None,
+                "adgt_mean": None,
                 "fp": None,
                 "fn": None,
                 "adf": None,
@@ -187,6 +189,9 @@ class CremiDistances:
                 stats[key] = _stats(np.concatenate([np.zeros(self._zero[name]), d])) if n else None
             out[f"n_{name}"] = n
         out["adf"], out["adgt"] = stats["adf"], stats["adgt"]
+        # flat means too, for tables that want one number per measure
+        for k in ("adf", "adgt"):
+            out[f"{k}_mean"] = stats[k]["mean"] if stats[k] is not None else None
         both = stats["adf"] is not None and stats["adgt"] is not None
         out["score"] = (stats["adf"]["mean"] + stats["adgt"]["mean"]) / 2 if both else None
         p = 1 - out["fp"] / out["n_pred"] if out["n_pred"] else 0.0
