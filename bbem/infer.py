@@ -458,8 +458,12 @@ def _prepare_work(
     plan: Plan,
     threshold: float | None,
     resume: bool,
-) -> tuple[str, str | None]:
-    """Create (or, resuming, check) the .partial store; return the probability/label array paths."""
+) -> tuple[str, str | None, bool]:
+    """Create (or, resuming, check) the .partial store.
+
+    Returns the probability and label array paths, and whether every block was already done
+    (a run killed while finishing).
+    """
     from bbem.volumes import create_ome_zarr
 
     label_group = work / "labels" / LABEL_NAME if threshold is not None else None
@@ -476,7 +480,7 @@ def _prepare_work(
                 f"{work} was started with other settings ({', '.join(diff)} differ): resume with "
                 f"the same arguments, or pass --overwrite to start {output} again"
             )
-        return str(prob_path), None if label_path is None else str(label_path)
+        return str(prob_path), None if label_path is None else str(label_path), old["complete"]
     # No manifest: nothing usable was written (it is the last thing setup writes).
     remove(work)
     common = dict(chunks=plan.block, voxel_size=tuple(vol.voxel_size), offset=tuple(vol.offset))
@@ -495,7 +499,7 @@ def _prepare_work(
         lab.attrs.update({"ome": ome})
     (work / DONE_DIR).mkdir()
     _write_json(man_path, manifest)
-    return str(prob_path), None if label_path is None else str(label_path)
+    return str(prob_path), None if label_path is None else str(label_path), False
 
 
 def _finish(work: Path, output: Path, plan: Plan, label_path: str | None) -> None:
@@ -618,7 +622,7 @@ def predict_volume(
         if overwrite:
             remove(work)
         work.parent.mkdir(parents=True, exist_ok=True)
-        prob_path, label_path = _prepare_work(
+        prob_path, label_path, complete = _prepare_work(
             work, output, manifest, vol, plan, threshold, resume=resume
         )
         job = _Job(
@@ -632,7 +636,7 @@ def predict_volume(
             tta=tta,
             threshold=None if threshold is None else float(threshold),
         )
-        done = _done_blocks(work)
+        done = set(plan.blocks()) if complete else _done_blocks(work)
         todo = [i for i in plan.blocks() if i not in done]
         t0 = time.perf_counter()
         with _Progress(plan, len(done), enabled=progress) as bar:
@@ -719,7 +723,7 @@ def _run_threads(
             for k in list(_CACHE):
                 if k in keys or (k[0] == "zarr" and k[1] in (job.prob_path, job.label_path)):
                     del _CACHE[k]
-    return f"in one process on {workers} threads ({per_block} torch threads each)"
+    return f"in one process, {workers} blocks at a time ({per_block} torch thread(s) each)"
 
 
 # -- Dask -------------------------------------------------------------------------------------------
@@ -831,8 +835,9 @@ class _Progress:
                 TextColumn("blocks"),
                 TextColumn("{task.fields[rate]}"),
                 TimeElapsedColumn(),
-                TextColumn("left"),
+                TextColumn("elapsed,"),
                 TimeRemainingColumn(),
+                TextColumn("left"),
             )
             self.bar.__enter__()
             self.task = self.bar.add_task(

@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import re
 import resource
 import subprocess
@@ -148,6 +149,7 @@ def main() -> None:
             ("local", 2, big, "8x"),
         ]
         rows = []
+        load_start = os.getloadavg()[0]
         for i, (sched, workers, inp, which) in enumerate(runs):
             r = run(
                 **common,
@@ -185,9 +187,23 @@ def main() -> None:
         f"peak memory 8x volume vs base (threads): {rows[0]['rss_mb']:.0f} -> "
         f"{rows[1]['rss_mb']:.0f} MB, {100 * growth:+.1f}% ({verdict} the goal of <= +25%)"
     )
+    load_end = os.getloadavg()[0]
+    console.print(
+        f"machine: {os.cpu_count()} cores, 1-min load average {load_start:.1f} at the start and "
+        f"{load_end:.1f} at the end (other work on the machine slows every row alike only if it "
+        "is steady)"
+    )
     if a.json:
         Path(a.json).write_text(
-            json.dumps({"source": src, "args": vars(a) | {"child": None}, "runs": rows}, indent=1)
+            json.dumps(
+                {
+                    "source": src,
+                    "args": vars(a) | {"child": None},
+                    "load_average": [load_start, load_end],
+                    "runs": rows,
+                },
+                indent=1,
+            )
         )
 
 
