@@ -121,7 +121,7 @@ def _neurites(shape: Sequence[int], vs: Sequence[float], rng: np.random.Generato
         indexing="ij",
     )
     # large-scale bending of the neurites (coordinates warped before distances)
-    bend = 90.0  # nm
+    bend = 130.0  # nm
     lsig = [max(1.0, 600 / vs[0]), 300 / (2 * vs[1]), 300 / (2 * vs[2])]
     zz = zz + bend * 0.5 * _smooth_noise(rng, hs, lsig)
     yy = yy + bend * _smooth_noise(rng, hs, lsig)
@@ -141,9 +141,9 @@ def _neurites(shape: Sequence[int], vs: Sequence[float], rng: np.random.Generato
         label[start : start + len(chunk)] = score.argmin(1) + 1
     label = label.reshape(hs)
     # full resolution: sample the half-res ids at finely warped positions (wiggly membranes)
-    fine = [max(1.0, 80 / vs[0]), 14.0, 14.0]
-    wy = 3.5 * _smooth_noise(rng, shape, fine)
-    wx = 3.5 * _smooth_noise(rng, shape, fine)
+    fine = [max(1.0, 80 / vs[0]), 20.0, 20.0]
+    wy = 4.0 * _smooth_noise(rng, shape, fine)
+    wx = 4.0 * _smooth_noise(rng, shape, fine)
     gz, gy, gx = np.meshgrid(
         np.arange(Z, dtype=np.float32),
         (np.arange(Y, dtype=np.float32) - 0.5) / 2,
@@ -324,7 +324,7 @@ def make_synthetic(
     dark = np.zeros(shape, np.float32)
     # granular cytoplasm: small dark specks (microtubules, ER, ribosomes) from thresholded noise
     speck = _smooth_noise(rng, shape, (0.4, 1.3, 1.3))
-    dark = np.maximum(dark, np.clip((speck - 1.0) * 0.5, 0, 0.55))
+    dark = np.maximum(dark, np.clip((speck - 0.9) * 0.6, 0, 0.6))
     depth = np.clip(0.88 + 0.06 * _smooth_noise(rng, shape, (2.0, 20.0, 20.0)), 0.7, 0.97)
     width = np.clip(1.9 + 0.45 * _smooth_noise(rng, shape, (2.0, 25.0, 25.0)), 1.2, 3.2)
     membrane = depth * np.exp(-((dist / width) ** 2))
