@@ -9,8 +9,14 @@ at the volume's origin (step ``roi - halo``, the last window flush with the volu
 MONAI places them over a whole volume). A block reads exactly the span of the global windows
 that touch it, and MONAI, run on that span, places its windows on the same global positions.
 So every voxel is the Gaussian blend of the same windows, in the same order, as a whole-volume
-prediction. When the block is a multiple of the step, that span is the block plus ``halo`` on
-each side (clipped to the volume).
+prediction. ``halo`` is the overlap of neighbouring windows; when the block is a multiple of
+the step, the span is the block widened by ``roi - halo`` before it and ``halo`` after it
+(clipped to the volume).
+
+Schedulers: ``threads`` runs ``workers`` blocks at a time on threads of this process, sharing
+one model; ``local`` starts a Dask LocalCluster of ``workers`` processes on 127.0.0.1;
+``tcp://host:port`` uses an existing Dask scheduler. Dask workers load the model once each
+(a per-process cache) and use one torch thread each.
 
 Writing protocol (what makes ``--resume`` exact): the output is built at
 ``<output>.partial`` with a manifest of the run's settings; each block leaves the marker

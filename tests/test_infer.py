@@ -491,7 +491,12 @@ def test_export_bakes_bb_masks(tmp_path: Path):
         },
         ckpt,
     )
-    out = export_model(ckpt, tmp_path / "plain.pt")
+    from bbem.cli import main
+
+    out = tmp_path / "plain.pt"
+    assert main(["export", str(ckpt), str(out)]) == 0  # `bbem export CHECKPOINT OUT`
+    assert main(["export", str(ckpt), str(out)]) == 2  # exists: refused without --overwrite
+    assert export_model(ckpt, out, overwrite=True) == out
     data = torch.load(out, weights_only=False)
     assert data["format"] == EXPORT_FORMAT
     assert not any("parametrizations" in k for k in data["state_dict"])
