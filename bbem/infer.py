@@ -571,8 +571,8 @@ def predict_volume(
     when it ends ``.tif`` (small volumes). ``block``, ``halo``, ``roi_size``: see
     :func:`make_plan`. ``scheduler``: ``threads`` (this process, ``workers`` blocks at a time
     on threads), ``local`` (a Dask LocalCluster of ``workers`` processes on 127.0.0.1) or
-    ``tcp://host:port`` (an existing Dask scheduler whose workers see the same paths). ``resume`` finishes an interrupted run;
-    ``overwrite`` replaces an existing output.
+    ``tcp://host:port`` (an existing Dask scheduler whose workers see the same paths).
+    ``resume`` finishes an interrupted run; ``overwrite`` replaces an existing output.
     """
     from bbem.model import load_inference_model
 
@@ -595,6 +595,8 @@ def predict_volume(
         raise UserError(f"--scheduler must be threads, local or tcp://HOST:PORT, got {scheduler!r}")
     if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
         raise UserError(f"--threshold must be a probability in [0, 1], got {threshold}")
+    if int(workers) < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
 
     # The model: a path is loaded here to check it early, and again (once) in each worker.
     if isinstance(checkpoint_or_model, (str, os.PathLike)):
@@ -697,8 +699,6 @@ def _run_threads(
 
     import torch
 
-    if workers < 1:
-        raise UserError(f"--workers must be at least 1, got {workers}")
     # The model and volume opened by the caller serve every block; nothing outlives the run.
     keys = [("volume", *job.input_id)]
     _cached(keys[0], lambda: vol)
@@ -744,8 +744,6 @@ def _connect(scheduler: str, workers: int) -> tuple[Any, Any]:
             "--scheduler local/tcp needs dask.distributed: pip install 'dask[distributed]'"
         ) from None
     if scheduler == "local":
-        if workers < 1:
-            raise UserError(f"--workers must be at least 1, got {workers}")
         cluster = LocalCluster(
             n_workers=workers,
             threads_per_worker=1,

@@ -442,6 +442,8 @@ def test_bad_inputs(export: Path, raw, tmp_path: Path):
         predict_volume(export, flat, out, progress=False)
     with pytest.raises(UserError, match="smaller than the network's field of view"):
         predict_volume(export, path, out, block=(2, 8, 8), progress=False)
+    with pytest.raises(UserError, match="--workers must be at least 1"):
+        predict_volume(export, path, out, workers=0, progress=False)
     with pytest.raises(UserError, match="halo"):
         predict_volume(export, path, out, halo=(4, 4, 4), progress=False)
     assert not out.exists() and not (tmp_path / "x.zarr.partial").exists()
