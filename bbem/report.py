@@ -123,7 +123,8 @@ def print_summary(summary: Mapping[str, Any], console: Any = None) -> None:
     if not bb:
         return
     t = Table(title=f"BB layers at step {bb['last_step']}", title_justify="left")
-    for col in ("layer", "units", "density", "mean on-rate", "entropy bits", "balance R²"):
+    t.add_column("layer", overflow="fold")
+    for col in ("units", "density", "mean on-rate", "entropy bits", "balance R²"):
         t.add_column(col, justify="right")
     for name, lay in bb["layers"].items():
         t.add_row(
@@ -279,7 +280,7 @@ def _best_of(table: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """Best value and its step of each validation column (lower is better for loss/error/wer)."""
     out = {}
     for k, v in table.items():
-        if not k.startswith("val_") or np.all(np.isnan(v)):
+        if not _is_score(k) or np.all(np.isnan(v)):
             continue
         lower = any(w in k for w in ("loss", "wer", "cer", "err", "eer", "decorrelation"))
         i = int(np.nanargmin(v) if lower else np.nanargmax(v))
@@ -300,7 +301,7 @@ def _title(rd: RunDir, config: Mapping[str, Any]) -> str:
 
 def _plot_curves(table: Mapping[str, np.ndarray], path: Path, title: str) -> Path:
     step = table["step"]
-    val = [k for k in table if k.startswith("val_") and "loss" not in k]
+    val = [k for k in table if _is_score(k) and "loss" not in k]
     losses = [k for k in ("train_loss", "val_loss") if k in table]
     panels = [
         p
@@ -444,4 +445,12 @@ def _plot_density(bb: Mapping[str, np.ndarray], path: Path) -> Path:
 
 
 def _short(name: str, n: int = 34) -> str:
+    """A layer name for a legend: MONAI's nested ``submodule.`` shortened to ``s.`` (names stay
+    distinct), then the tail if still long."""
+    name = name.replace("submodule.", "s.")
     return name if len(name) <= n else "…" + name[-(n - 1) :]
+
+
+def _is_score(column: str) -> bool:
+    """A validation column that measures quality (not the threshold it was taken at)."""
+    return column.startswith("val_") and "threshold" not in column

@@ -47,7 +47,13 @@ def _run_dir(tmp_path, kind: str = "em"):
         if kind == "asr":
             row["val_wer"] = 0.9 - step / 100
         else:
-            row.update({"val_pr_auc": 0.1 + step / 100, "val_f1_best": 0.2 + step / 200})
+            row.update(
+                {
+                    "val_pr_auc": 0.1 + step / 100,
+                    "val_f1_best": 0.2 + step / 200,
+                    "val_threshold_best": 0.9 - step / 100,  # not a score: never "best"
+                }
+            )
         rd.append_metrics(row)
         if kind != "dense":
             rd.append_bb(step, _FakeBB(step, rng))
@@ -81,6 +87,8 @@ def test_em_run_report(tmp_path):
         "step": 30,
         "higher_is_better": True,
     }
+    assert "val_threshold_best" not in on_disk["best_of_columns"]
+    assert on_disk["final"]["val_threshold_best"] == pytest.approx(0.6)
     assert on_disk["best_checkpoint"]["step"] == 30 and 0 < on_disk["best_checkpoint"]["pr_auc"] < 1
     bb = on_disk["bb"]
     # the on-rates were put on the line exactly (up to bb.csv's 6 decimals)
