@@ -8,10 +8,10 @@ STAMP := $(VENV)/.installed
 
 # espeak-ng synthesises the speech companion's corpus; installed when we may (root, apt).
 # Xvfb gives napari's OpenGL canvas a display in the plugin tests (pytest-xvfb starts it); the
-# libxcb-* libraries are what PyQt5's bundled xcb platform plugin links against.
-QT_DEBS := xvfb libgl1-mesa-dri libegl1 libglib2.0-0 libfontconfig1 libdbus-1-3 libxkbcommon-x11-0 \
-  libxcb-icccm4 libxcb-image0 libxcb-keysyms1 libxcb-randr0 libxcb-render-util0 libxcb-shape0 \
-  libxcb-xfixes0 libxcb-xinerama0 libxcb-xkb1
+# libxcb-* libraries are what PyQt6's bundled xcb platform plugin links against.
+QT_DEBS := xvfb libgl1 libgl1-mesa-dri libegl1 libglib2.0-0 libfontconfig1 libdbus-1-3 \
+  libx11-xcb1 libxkbcommon-x11-0 libxcb-cursor0 libxcb-glx0 libxcb-icccm4 libxcb-image0 \
+  libxcb-keysyms1 libxcb-randr0 libxcb-render-util0 libxcb-shape0 libxcb-xfixes0 libxcb-xkb1
 system-deps:
 	@command -v espeak-ng >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \

@@ -286,8 +286,9 @@ def test_predictions_widget(gl_display, make_napari_viewer, qtbot, synth_zarr, t
 
     viewer = make_napari_viewer()
     viewer.add_image(volume["raw"], name="raw", scale=VS)
-    widget = PredictionsWidget(viewer)
-    viewer.window.add_dock_widget(widget, name="Predictions")
+    # through the manifest, as the Plugins menu does
+    _, widget = viewer.window.add_plugin_dock_widget("napari-bbem", "Predictions")
+    assert isinstance(widget, PredictionsWidget)
     assert widget.image.value is viewer.layers["raw"]
     widget.checkpoint.value = tiny_export
     assert widget.start() is not None
@@ -330,8 +331,8 @@ def test_on_rates_widget(gl_display, make_napari_viewer, qtbot, run_dir, tmp_pat
     from napari_bbem._widgets import OnRatesWidget
 
     viewer = make_napari_viewer()
-    widget = OnRatesWidget(viewer)
-    viewer.window.add_dock_widget(widget, name="On-rates")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-bbem", "On-rates")
+    assert isinstance(widget, OnRatesWidget)
     widget.load(tmp_path / "missing")
     assert "does not exist" in widget.status.value
     widget.run_dir.value = run_dir  # loads through the changed signal
