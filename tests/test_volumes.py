@@ -386,3 +386,31 @@ def test_real_crops(shared_data: Path) -> None:
     tif = open_volume(shared_data / "vnc-stack2-raw.tif")
     assert tif.shape == (20, 1024, 1024)
     np.testing.assert_allclose(tif.voxel_size, (50, 4.6, 4.6))
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "tif", "hdf5", "folder"])
+def test_random_blocks_match_numpy(tmp_path: Path, rng: np.random.Generator, fmt: str) -> None:
+    """Any block read through a Volume equals the same numpy slice, in every format."""
+    data = rng.integers(0, 60000, (9, 37, 41), dtype=np.uint16)
+    if fmt == "zarr":
+        path = write_volume(tmp_path / "v.zarr", data, chunks=(2, 8, 16))
+    elif fmt == "tif":
+        path = write_volume(tmp_path / "v.tif", data)
+    elif fmt == "hdf5":
+        path = tmp_path / "v.h5"
+        with h5py.File(path, "w") as f:
+            f.create_dataset("raw", data=data, chunks=(3, 10, 10))
+    else:
+        path = tmp_path / "secs"
+        path.mkdir()
+        for z in range(data.shape[0]):
+            tifffile.imwrite(path / f"{z}.tif", data[z])
+    v = open_volume(path)
+    for _ in range(25):
+        lo = [int(rng.integers(0, s)) for s in data.shape]
+        hi = [int(rng.integers(a + 1, s + 1)) for a, s in zip(lo, data.shape)]
+        sl = tuple(slice(a, b) for a, b in zip(lo, hi))
+        np.testing.assert_array_equal(v[sl], data[sl])
+    np.testing.assert_array_equal(v[4], data[4])  # an int index drops the axis, as numpy does
+    np.testing.assert_array_equal(v[..., 3:5], data[..., 3:5])
+    np.testing.assert_array_equal(np.asarray(v.to_dask()), data)
