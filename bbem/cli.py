@@ -24,6 +24,16 @@ def _zyx(text: str) -> tuple[int, int, int]:
 # -- handlers: each imports its module lazily so `bbem --help` stays fast -------------------------
 
 
+def _zyx_float(text: str) -> tuple[float, float, float]:
+    try:
+        v = tuple(float(t) for t in text.split(","))
+    except ValueError:
+        v = ()
+    if len(v) != 3 or min(v) <= 0:
+        raise argparse.ArgumentTypeError(f"expected three positive numbers z,y,x, got {text!r}")
+    return v  # type: ignore[return-value]
+
+
 def _train(a: argparse.Namespace) -> None:
     from bbem.train import train_from_cli
 
@@ -67,6 +77,11 @@ def _evaluate(a: argparse.Namespace) -> None:
         plot_path=a.plot,
         margin=a.margin,
         threshold=a.threshold,
+        min_size=a.min_size,
+        voxel_size=a.voxel_size,
+        match_distance_nm=a.match_distance,
+        connectivity=a.connectivity,
+        cremi=False if a.no_cremi else None,
     )
 
 
@@ -163,6 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.5,
         help="threshold for object and CREMI measures (default 0.5)",
     )
+    s.add_argument("--min-size", type=int, help="smallest object in voxels (default 100)")
+    s.add_argument(
+        "--voxel-size", type=_zyx_float, help="voxel size z,y,x in nm (default: from the truth)"
+    )
+    s.add_argument(
+        "--match-distance", type=float, help="also match objects by centroid distance (nm)"
+    )
+    s.add_argument("--connectivity", type=int, choices=(6, 18, 26), help="default 26")
+    s.add_argument("--no-cremi", action="store_true", help="skip the CREMI distances")
 
     s = cmd("convert", _convert, "convert hdf5/tiff/zarr to zarr v3 (OME-Zarr), chunk by chunk")
     s.add_argument("input")

@@ -203,14 +203,22 @@ def evaluate_from_cli(
     plot_path: str | None = None,
     margin: Sequence[int] | None = None,
     threshold: float = 0.5,
+    **options: Any,
 ) -> dict[str, Any]:
-    """``bbem evaluate``: open the volumes, evaluate, print a table, write JSON and PNG."""
+    """``bbem evaluate``: open the volumes, evaluate, print a table, write JSON and PNG.
+
+    ``options`` go to :func:`evaluate` (``min_size``, ``voxel_size``, ``match_distance_nm``,
+    ``connectivity``, ``cremi``); ``None`` values keep its defaults.
+    """
     from bbem.volumes import open_volume
 
     pred_v = open_volume(prediction)
     truth_v = open_volume(truth)
     mask_v = open_volume(mask) if mask else None
-    result = evaluate(pred_v, truth_v, mask_v, margin=margin, threshold=threshold, progress=True)
+    options = {k: v for k, v in options.items() if v is not None}
+    result = evaluate(
+        pred_v, truth_v, mask_v, margin=margin, threshold=threshold, progress=True, **options
+    )
     print_table(result)
     if json_path:
         write_json(result, json_path)
