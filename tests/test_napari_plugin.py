@@ -147,6 +147,35 @@ def test_reader_inference_output(tmp_path, synth_zarr, tiny_export):
     np.testing.assert_array_equal(prob.compute(), predict_array(tiny_export, read_raw(synth_zarr)))
 
 
+def test_reader_multiscale_ome_zarr(tmp_path):
+    import zarr
+
+    from bbem.volumes.zarr_io import ome_attributes
+
+    full = np.arange(1 * 4 * 16 * 16, dtype=np.uint16).reshape(1, 4, 16, 16)  # c, z, y, x
+    g = zarr.open_group(tmp_path / "ms.zarr", mode="w", zarr_format=3)
+    attrs = ome_attributes("em", (30.0, 6.0, 6.0), (0.0, 12.0, 0.0))
+    ms = attrs["ome"]["multiscales"][0]
+    ms["axes"].insert(0, {"name": "c", "type": "channel"})
+    level0 = ms["datasets"][0]
+    level0["coordinateTransformations"] = [
+        {"type": "scale", "scale": [1.0, 30.0, 6.0, 6.0]},
+        {"type": "translation", "translation": [0.0, 0.0, 12.0, 0.0]},
+    ]
+    ms["datasets"].append(
+        {"path": "1", "coordinateTransformations": [{"type": "scale", "scale": [1, 30, 12, 12]}]}
+    )
+    g.attrs.update(attrs)
+    g.create_array("0", data=full)
+    g.create_array("1", data=full[:, :, ::2, ::2])
+    [(data, kw, kind)] = read_bbem(tmp_path / "ms.zarr")
+    assert kind == "image" and kw["multiscale"] is True and kw["name"] == "ms"
+    assert [d.shape for d in data] == [(4, 16, 16), (4, 8, 8)]
+    assert kw["scale"] == (30.0, 6.0, 6.0) and kw["translate"] == (0.0, 12.0, 0.0)
+    assert kw["contrast_limits"] == (0, 65535)
+    np.testing.assert_array_equal(data[1].compute(), full[0, :, ::2, ::2])
+
+
 def read_raw(path: Path) -> np.ndarray:
     from bbem.volumes import open_volume
 

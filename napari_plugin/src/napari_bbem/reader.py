@@ -175,7 +175,8 @@ def _zarr_keys(path: Path) -> list[tuple[str | None, str]]:
         ms = _multiscales(dict(group.attrs))
         if ms is not None:
             level0 = group[ms[0]["datasets"][0]["path"]]
-            if level0.ndim == 3:
+            # OME t/c axes of length 1 are dropped by open_volume; more than one is not a volume
+            if level0.ndim >= 3 and all(s == 1 for s in level0.shape[:-3]):
                 key = prefix.rstrip("/") or None
                 found.append((key, _kind(prefix or path.name, level0.dtype, ms[0].get("name"))))
             # OME-Zarr labels sit in the image's "labels" group; other levels are not volumes
