@@ -42,6 +42,31 @@ KEYS = {
     "neuron_ids": "volumes/labels/neuron_ids",
 }
 MIN_SHAPE = (1, 32, 32)
+#: Grey levels at the 0, 5, ..., 100th percentiles of ../shared/data's real ssTEM stacks
+#: (vnc-stack1-left.hdf and vnc-stack2-raw.tif agree to one level).
+REAL_EM_QUANTILES = (
+    0,
+    32,
+    49,
+    63,
+    75,
+    86,
+    96,
+    106,
+    116,
+    125,
+    134,
+    143,
+    151,
+    159,
+    167,
+    174,
+    181,
+    188,
+    196,
+    206,
+    255,
+)
 
 
 # -- noise helpers --------------------------------------------------------------------------------
@@ -417,18 +442,18 @@ def make_synthetic(
         taken[box] |= d_sheet < 160
     dark = np.maximum(dark, psd)
     # every cell holds some vesicles and small round profiles, as neuropil does
-    n_free = int(lab.size / 1500)
+    n_free = int(lab.size / 2500)  # sparser than a synaptic cloud
     free = rng.integers(0, lab.size, size=3 * n_free)
     free = free[dist.ravel()[free] > 5][:n_free]
     if len(free):
         c = (np.stack(np.unravel_index(free, shape), 1) + rng.random((len(free), 3))) * vsa
-        _stamp_vesicles(dark, c, rng.normal(16, 3, len(free)).clip(10, 24), vs, strength=0.45)
+        _stamp_vesicles(dark, c, rng.normal(16, 3, len(free)).clip(10, 24), vs, strength=0.4)
     if ves_c:
         _stamp_vesicles(dark, np.concatenate(ves_c), np.concatenate(ves_r), vs)
     img = img * (1 - dark)
 
     # -- imaging ----------------------------------------------------------------------------------
-    img = ndi.gaussian_filter(img, (0, 0.8, 0.8))
+    img = ndi.gaussian_filter(img, (0, 0.7, 0.7))
     gain = rng.normal(1.0, 0.06, Z).astype(np.float32)
     bias = rng.normal(0.0, 0.03, Z).astype(np.float32)
     shade = 0.06 * _smooth_noise(rng, shape, (3.0, Y / 3, X / 3))
@@ -436,10 +461,10 @@ def make_synthetic(
     electrons = 40.0
     img = rng.poisson(np.clip(img, 0, None) * electrons).astype(np.float32) / electrons
     img += rng.normal(0, 0.03, shape).astype(np.float32)
-    img = ndi.gaussian_filter(img, (0, 0.7, 0.7))
-    # contrast stretch to the look of CREMI/VNC uint8 (membranes near 0-30, cytoplasm ~170-220)
-    lo_, hi_ = np.percentile(img, [0.5, 99.5])
-    raw = np.clip((img - lo_) / (hi_ - lo_) * 240 + 3, 0, 255)
+    img = ndi.gaussian_filter(img, (0, 0.5, 0.5))
+    # grey levels: a monotone map onto the 5% quantiles of the real VNC stacks (see
+    # REAL_EM_QUANTILES), so the histogram is that of real EM whatever the seed
+    raw = np.interp(img, np.percentile(img, np.linspace(0, 100, 21)), REAL_EM_QUANTILES)
 
     # section defects: labels move with a shifted section; a missing section keeps its labels
     missing: list[int] = []

@@ -89,6 +89,23 @@ def test_looks_like_em(vol: dict, shared_data_or_none: Path | None) -> None:
         real = open_volume(shared_data_or_none / "vnc-stack1-left.hdf")[5:10, :512, :512]
         d = wasserstein_distance(raw[::2, ::4, ::4].ravel(), real[:, ::4, ::4].ravel())
         assert d < 15, f"grey-level histogram {d:.1f} levels away from real EM"
+        # as sharp and as finely textured as real EM (not by construction: only the grey-level
+        # histogram is calibrated)
+        for stat in (_sharpness, _fine_texture):
+            want, got = stat(real.astype(float)), stat(raw)
+            assert 0.75 < got / want < 1.25, (
+                f"{stat.__name__}: synthetic {got:.1f}, real {want:.1f}"
+            )
+
+
+def _sharpness(v: np.ndarray) -> float:
+    """Mean in-plane Sobel gradient magnitude (grey levels per pixel)."""
+    return float(np.hypot(ndi.sobel(v, 2), ndi.sobel(v, 1)).mean() / 8)
+
+
+def _fine_texture(v: np.ndarray) -> float:
+    """Standard deviation of detail finer than ~2 pixels."""
+    return float((v - ndi.gaussian_filter(v, (0, 2, 2))).std())
 
 
 @pytest.fixture
