@@ -255,6 +255,9 @@ def test_cremi_hdf5_uint64_background(
     )
     # the slash form reaches inside the file too
     assert open_volume(tmp_path / "s.hdf" / "volumes/labels/neuron_ids").shape == vol.shape
+    # a uint8 cleft mask keeps 255: the CREMI mapping is for 32/64-bit ids only
+    write_volume(tmp_path / "clefts_mask.zarr", np.full((2, 3, 4), 255, np.uint8))
+    assert open_volume(tmp_path / "clefts_mask.zarr").read().min() == 255
     with pytest.raises(UserError, match=r"'volumes/labels/nope' is not a dataset.*volumes/raw"):
         open_volume(tmp_path / "s.hdf", key="volumes/labels/nope")
 

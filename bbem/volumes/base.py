@@ -40,9 +40,9 @@ class Volume:
 
     ``vol[z0:z1, y0:y1, x0:x1]`` returns a numpy array and reads only the chunks it touches;
     :meth:`read` reads it whole; :meth:`to_dask` gives a lazy dask array. Cleft label datasets
-    (``"clefts"`` in the name, unsigned integers) read CREMI's background 0xffffffffffffffff as
-    0. A Volume pickles as the URI it was opened by and reopens on the other side, so dask
-    workers in other processes can read it.
+    (``"clefts"`` in the name, 32/64-bit unsigned integers) read CREMI's background
+    0xffffffffffffffff as 0. A Volume pickles as the URI it was opened by and reopens on the
+    other side, so dask workers in other processes can read it.
     """
 
     def __init__(
@@ -79,8 +79,11 @@ class Volume:
         self.format = fmt
         self._reopen = reopen
         self._close = close
-        # CREMI uses the largest uint64 as background; the mapping works for any file.
-        self.is_cleft_labels = "clefts" in name.lower() and self.dtype.kind == "u"
+        # CREMI uses the largest uint64 as background; the mapping works for any file. Only
+        # 32/64-bit ids: 255 in a uint8 mask is a foreground value, not "no cleft".
+        self.is_cleft_labels = (
+            "clefts" in name.lower() and self.dtype.kind == "u" and self.dtype.itemsize >= 4
+        )
 
     # -- numpy-like surface -----------------------------------------------------------------
 
