@@ -6,7 +6,7 @@ Input: a crop of the real EM stack ../shared/data/vnc-stack2-raw.tif (mirrored a
 larger volume needs more than its 20 sections), or a synthetic volume where that file is absent.
 The network is the default bbem U-Net shape (strides 1,2,2 / 1,2,2 / 2,2,2) with random weights:
 speed and memory do not depend on the weights. "threads" runs 2 blocks at a time in one process
-(the default --workers 2); "local" runs a Dask LocalCluster of 1 or 2 worker processes. The base
+(the default --workers 2, 1 torch thread each) or 1 block with 2 torch threads; "local" runs a Dask LocalCluster of 1 or 2 worker processes. The base
 volume holds 2 blocks, so both memory runs have 2 blocks in flight. By default its channels are halved and the window
 is 16,64,64 so the whole benchmark takes minutes on 2 CPU cores; pass --channels 16,32,64,128
 --roi 16,128,128 for the full-size network. Each run is a fresh process (peak RSS is per process);
@@ -145,6 +145,7 @@ def main() -> None:
         runs = [
             ("threads", 2, base, "base"),
             ("threads", 2, big, "8x"),
+            ("threads", 1, big, "8x"),
             ("local", 1, big, "8x"),
             ("local", 2, big, "8x"),
         ]
@@ -168,12 +169,23 @@ def main() -> None:
         title=f"bbem infer on {src}: U-Net channels {a.channels}, window {a.roi}, "
         f"block {a.block}; base {shape_b}, 8x {shape_8}"
     )
-    for col in ("scheduler", "workers", "volume", "voxels/s", "wall s", "peak RSS MB"):
+    for col in (
+        "scheduler",
+        "workers",
+        "torch threads",
+        "volume",
+        "voxels/s",
+        "wall s",
+        "peak RSS MB",
+    ):
         t.add_column(col, justify="right")
     for r in rows:
         t.add_row(
             r["scheduler"],
             str(r["workers"]),
+            str(
+                max(1, (os.cpu_count() or 1) // r["workers"]) if r["scheduler"] == "threads" else 1
+            ),
             r["volume"],
             f"{r['vps']:,.0f}",
             f"{r['wall']:.1f}",
