@@ -147,13 +147,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("output", help="output zarr (or .tif for small volumes)")
     s.add_argument("--key", help="dataset inside the input container")
     s.add_argument("--block", type=_zyx, help="block shape z,y,x (aligned to output chunks)")
-    s.add_argument("--halo", type=_zyx, help="context read around each block z,y,x")
+    s.add_argument(
+        "--halo",
+        type=_zyx,
+        help="overlap of neighbouring sliding windows z,y,x (default a quarter of the window)",
+    )
     s.add_argument(
         "--scheduler",
         default="threads",
         help="threads | local | tcp://HOST:PORT (an existing Dask scheduler)",
     )
-    s.add_argument("--workers", type=int, default=2, help="worker processes for --scheduler local")
+    s.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="worker processes for --scheduler local; blocks run at a time for threads",
+    )
     s.add_argument("--tta", action="store_true", help="average the 8 flips in z, y, x")
     s.add_argument("--threshold", type=float, help="also write labels thresholded at this value")
     g = s.add_mutually_exclusive_group()
