@@ -21,7 +21,7 @@ import h5py
 import torch
 from matplotlib.figure import Figure
 from napari_bbem.onrates import balance_points, plot_layer_step, read_on_rates
-from napari_bbem.predict import predict_array, threshold_clefts
+from napari_bbem.predict import best_threshold, predict_array, threshold_clefts
 from napari_bbem.reader import read_bbem, volume_keys
 from scipy import ndimage
 
@@ -207,6 +207,15 @@ def test_predict_array_checks(tiny_export, tmp_path):
         predict_array(tiny_export, np.zeros((4, 32, 32), np.int64))
     p = predict_array(tiny_export, np.full((4, 32, 32), 128, np.uint8))
     assert p.shape == (4, 32, 32) and p.dtype == np.uint8
+
+
+def test_best_threshold(tmp_path, tiny_export):
+    from bbem.model import CHECKPOINT_FORMAT
+
+    assert best_threshold(tiny_export) is None  # an export without metrics
+    ck = tmp_path / "best.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "metrics": {"threshold_best": 0.68}}, ck)
+    assert best_threshold(ck) == pytest.approx(0.68)
 
 
 def test_threshold_clefts_matches_scipy(rng):

@@ -21,7 +21,7 @@ from magicgui.widgets import (
 
 from bbem.errors import UserError
 from napari_bbem.onrates import OnRates, plot_layer_step, read_on_rates
-from napari_bbem.predict import predict_array, threshold_clefts
+from napari_bbem.predict import best_threshold, predict_array, threshold_clefts
 
 if TYPE_CHECKING:
     import napari
@@ -32,11 +32,17 @@ def _message(e: BaseException) -> str:
     return str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
 
 
+def _predict_job(checkpoint: str, data: Any, tta: bool) -> tuple[np.ndarray, float | None]:
+    """What the worker thread runs: probabilities and the checkpoint's suggested threshold."""
+    return predict_array(checkpoint, data, tta=tta), best_threshold(checkpoint)
+
+
 class PredictionsWidget(Container):
     """Run a checkpoint over an image layer; show probabilities and thresholded clefts.
 
     Adds ``<image> cleft probability`` (uint8, magma, additive) and ``<image> clefts`` (one
-    label per connected cleft at the threshold), with the image's scale and translate.
+    label per connected cleft at the threshold), with the image's scale and translate. The
+    threshold starts at the checkpoint's best validation threshold when it recorded one.
     """
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
@@ -87,12 +93,12 @@ class PredictionsWidget(Container):
         self.status.value = f"predicting {layer.name} {tuple(data.shape)}..."
         # our own "errored" handler: the message goes to the status line, not a traceback
         worker = thread_worker(
-            predict_array,
+            _predict_job,
             progress={"desc": "bbem prediction"},
             connect={"errored": self._failed},
             start_thread=False,
-        )(str(ckpt), data, tta=self.tta.value)
-        worker.returned.connect(lambda prob: self._show(layer, prob))
+        )(str(ckpt), data, self.tta.value)
+        worker.returned.connect(lambda result: self._show(layer, *result))
         worker.finished.connect(lambda: setattr(self.run, "enabled", True))
         self.worker = worker
         worker.start()
@@ -101,8 +107,11 @@ class PredictionsWidget(Container):
     def _failed(self, e: BaseException) -> None:
         self.status.value = f"failed: {_message(e)}"
 
-    def _show(self, source: Any, prob: np.ndarray) -> None:
+    def _show(self, source: Any, prob: np.ndarray, threshold: float | None = None) -> None:
         self.prob = prob
+        if threshold is not None:  # start from the checkpoint's best validation threshold
+            with self.threshold.changed.blocked():
+                self.threshold.value = round(threshold, 2)
         name = f"{source.name} cleft probability"
         geometry = {"scale": source.scale, "translate": source.translate}
         if name in self.viewer.layers:

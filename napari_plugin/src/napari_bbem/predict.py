@@ -59,6 +59,20 @@ def predict_array(
     return to_uint8(predict_region(model, x, plan, tta=tta))
 
 
+def best_threshold(checkpoint: str | os.PathLike) -> float | None:
+    """The validation threshold of best F1 a training checkpoint recorded, else None.
+
+    Training writes ``metrics["threshold_best"]`` with every evaluation; an export keeps the
+    metrics it was made from under ``info``, when it has them.
+    """
+    from bbem.model import load_checkpoint
+
+    data = load_checkpoint(checkpoint)
+    metrics = data.get("metrics") or (data.get("info") or {}).get("metrics") or {}
+    t = metrics.get("threshold_best")
+    return float(t) if isinstance(t, (int, float)) and 0.0 <= t <= 1.0 else None
+
+
 def threshold_clefts(prob: np.ndarray, threshold: float) -> np.ndarray:
     """Connected clefts ``[Z, Y, X]`` uint32 (0 background, 1..n) where ``prob >= threshold``.
 
