@@ -39,6 +39,11 @@ def timed(fn, repeats: int = 30) -> float:
 
 
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: least noisy)")
+    torch.set_num_threads(ap.parse_args().threads)
     torch.manual_seed(0)
     conv = nn.Conv3d(256, 256, 3)
     bb = attach_bb(nn.Sequential(conv), BBConfig(density=0.5, spread=0.1))
