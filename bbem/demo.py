@@ -27,6 +27,7 @@ def run(config: str, run_dir: str, overrides: list[str]) -> dict:
     from bbem.config import load_config
     from bbem.infer import predict_volume
     from bbem.metrics.evaluate import evaluate, print_table, write_json
+    from bbem.model import load_checkpoint
     from bbem.synth import write_synthetic
     from bbem.train import train
     from bbem.volumes import open_volume
@@ -45,7 +46,11 @@ def run(config: str, run_dir: str, overrides: list[str]) -> dict:
     predict_volume(rd / "checkpoints/best.pt", TEST_VOLUME, pred, key="volumes/raw", overwrite=True)
     infer_s = time.perf_counter() - t1
     truth = open_volume(TEST_VOLUME, key="volumes/labels/clefts")
-    scores = evaluate(open_volume(pred), truth, voxel_size=truth.voxel_size)
+    # the threshold is chosen on validation (best.pt) and applied unchanged to the test volume
+    ck = load_checkpoint(rd / "checkpoints/best.pt")
+    t_val = float(ck["metrics"].get("threshold_best", 0.5))
+    scores = evaluate(open_volume(pred), truth, voxel_size=truth.voxel_size, threshold=t_val)
+    f1_val = f1_at(scores["voxel"]["curve"], t_val)
     write_json(scores, rd / "test_evaluation.json")
     print_table(scores)
 
@@ -65,7 +70,25 @@ def run(config: str, run_dir: str, overrides: list[str]) -> dict:
         f"{infer_s:.0f}",
     )
     Console().print(t)
-    return {"voxel": v, "density": result["density"], "train_s": train_s, "infer_s": infer_s}
+    return {
+        "voxel": v,
+        "f1_val_threshold": f1_val,
+        "threshold": t_val,
+        "density": result["density"],
+        "train_s": train_s,
+        "infer_s": infer_s,
+    }
+
+
+def f1_at(curve: dict, threshold: float) -> float:
+    """Voxel F1 when predicting ``p >= threshold``, read off the exact PR curve."""
+    ts = curve["thresholds"]
+    # curve points are in ascending threshold order; the first at or above t is what t predicts
+    i = next((j for j, x in enumerate(ts) if x >= threshold - 1e-9), None)
+    if i is None:
+        return 0.0
+    p, r = curve["precision"][i], curve["recall"][i]
+    return 2 * p * r / (p + r) if p + r > 0 else 0.0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,7 +50,15 @@ def lr_lambda(cfg: RunConfig):
 
 
 #: Validation numbers written to metrics.csv (as ``val_<name>``).
-VAL_COLUMNS = ("pr_auc", "f1_best", "threshold_best", "f1_05", "precision_05", "recall_05")
+VAL_COLUMNS = (
+    "pr_auc",
+    "f1_best",
+    "threshold_best",
+    "f1_05",
+    "precision_05",
+    "recall_05",
+    "positive_fraction",
+)
 
 
 class CleftLoss(nn.Module):
