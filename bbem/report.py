@@ -17,7 +17,6 @@ and the same bb.csv, and get the same report.
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 from collections.abc import Mapping
@@ -27,10 +26,9 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from bbem.errors import UserError
 from bbem.metrics.evaluate import write_json
 from bbem.metrics.plot import plot_pr_curve, save_figure
-from bbem.rundir import RunDir
+from bbem.rundir import RunDir, read_bb_table
 
 #: Clamp of on-rates before log((1-a)/a), as the BB controller does.
 _EPS = 1e-4
@@ -63,7 +61,7 @@ def make_report(run_dir: str | os.PathLike) -> dict[str, Any]:
         notes.append("best.pt holds no PR curve (not a cleft-detection run): no PR plot")
 
     bb_summary: dict[str, Any] | None = None
-    bb = _read_bb(rd.bb_csv)
+    bb = read_bb_table(rd.bb_csv)
     if bb is None:
         notes.append("bb.csv is absent or empty (a dense run): BB plots skipped")
     else:
@@ -202,26 +200,6 @@ def _scalarish(v: Any) -> bool:
     return isinstance(v, (int, float, str, bool)) or (
         isinstance(v, dict) and all(isinstance(x, (int, float)) for x in v.values())
     )
-
-
-def _read_bb(path: Path) -> dict[str, np.ndarray] | None:
-    """bb.csv as arrays (step, layer, mode, unit, on_rate, degree, full_fan); None if empty."""
-    if not path.is_file():
-        return None
-    with path.open(newline="") as f:
-        rows = [r for r in csv.DictReader(f) if None not in r.values()]
-    if not rows:
-        return None
-    need = ("step", "layer", "on_rate", "degree", "full_fan")
-    missing = [k for k in need if k not in rows[0]]
-    if missing:
-        raise UserError(f"{path} lacks columns {missing}: was it written by bbem.rundir?")
-    out = {
-        k: np.array([_float(r[k]) for r in rows]) for k in ("step", "on_rate", "degree", "full_fan")
-    }
-    out["layer"] = np.array([r["layer"] for r in rows])
-    out["mode"] = np.array([r.get("mode", "in") for r in rows])
-    return out
 
 
 def _layers(bb: Mapping[str, np.ndarray]) -> list[str]:

@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from bbem.atomic import atomic_output
@@ -116,6 +117,39 @@ def bb_rows(step: int, stats: Mapping[str, Mapping[str, Any]]) -> list[dict[str,
                 }
             )
     return rows
+
+
+#: numeric dtypes of bb.csv's columns (layer and mode are text)
+_BB_DTYPES = {
+    "step": np.int64,
+    "unit": np.int64,
+    "on_rate": np.float64,
+    "degree": np.int64,
+    "full_fan": np.int64,
+    "traffic": np.float64,
+}
+
+
+def read_bb_table(path: str | os.PathLike) -> dict[str, np.ndarray] | None:
+    """``bb.csv`` as one array per column (``[rows]``), or None when absent or without a row.
+
+    Half-written rows (a run killed mid-write) are dropped; missing columns are a UserError.
+    The one reader of bb.csv: ``bbem report`` and the napari plugin both use it.
+    """
+    p = Path(path)
+    if not p.is_file():
+        return None
+    header, rows = _read(p)
+    missing = [c for c in BB_COLUMNS if c not in header]
+    if missing:
+        raise UserError(f"{p} lacks columns {missing}: was it written by bbem.rundir?")
+    rows = [r for r in rows if all(r[c] != "" for c in BB_COLUMNS)]
+    if not rows:
+        return None
+    table = {c: np.array([r[c] for r in rows], dtype=t) for c, t in _BB_DTYPES.items()}
+    table["layer"] = np.array([r["layer"] for r in rows], dtype=str)
+    table["mode"] = np.array([r["mode"] for r in rows], dtype=str)
+    return table
 
 
 def _append_rows(

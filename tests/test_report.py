@@ -105,9 +105,10 @@ def test_em_run_report(tmp_path):
         last = [r for r in csv.DictReader(f) if r["step"] == "30" and r["layer"] == "model.0.conv"]
     assert layer["density"] == pytest.approx(sum(int(r["degree"]) for r in last) / (8 * 4))
     # per-layer density over steps, against a plain loop over bb.csv rows
-    from bbem.report import _read_bb, layer_density
+    from bbem.report import layer_density
+    from bbem.rundir import read_bb_table
 
-    bbd = _read_bb(run / "bb.csv")
+    bbd = read_bb_table(run / "bb.csv")
     steps, layers, dens = layer_density(bbd)
     assert layers == ["model.0.conv", "model.1.submodule.conv"] and list(steps) == [0, 10, 20, 30]
     with (run / "bb.csv").open() as f:

@@ -78,3 +78,23 @@ def test_half_written_row_is_dropped(tmp_path):
     rd.truncate_after(1)  # what a resume does first
     rd.append_metrics({"step": 2, "train_loss": 0.4, "density": 1.0})
     assert [r["step"] for r in rd.read_metrics()] == ["1", "2"]
+
+
+def test_read_bb_table(tmp_path):
+    from bbem.errors import UserError
+    from bbem.rundir import read_bb_table
+
+    p = tmp_path / "bb.csv"
+    assert read_bb_table(p) is None
+    p.write_text(
+        "step,layer,mode,unit,on_rate,degree,full_fan,traffic\n"
+        "10,a,in,0,0.25,3,8,0.75\n"
+        "10,a,in,1,0.5,5,8,2.5\n"
+        "20,a,in,0,0.3,"  # cut short by a kill
+    )
+    t = read_bb_table(p)
+    assert t["step"].tolist() == [10, 10] and t["degree"].dtype.kind == "i"
+    assert t["on_rate"].tolist() == [0.25, 0.5] and t["layer"].tolist() == ["a", "a"]
+    p.write_text("step,layer,on_rate\n1,a,0.5\n")
+    with pytest.raises(UserError, match="lacks columns"):
+        read_bb_table(p)

@@ -16,7 +16,6 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from bbem.errors import UserError
-from bbem.rundir import BB_COLUMNS
 
 #: Clamp of on-rates before log((1-a)/a), as the BB controller and ``bbem report`` do.
 EPS = 1e-4
@@ -93,7 +92,7 @@ class OnRates:
 
 def read_on_rates(run_dir: str | os.PathLike) -> OnRates:
     """Load ``RUN_DIR/bb.csv`` (or a bb.csv path itself); a UserError if absent or empty."""
-    import pandas as pd
+    from bbem.rundir import read_bb_table
 
     p = Path(run_dir)
     path = p / "bb.csv" if p.is_dir() else p
@@ -102,27 +101,9 @@ def read_on_rates(run_dir: str | os.PathLike) -> OnRates:
             f"{path} does not exist: choose a run directory of a BB training run (a dense run "
             "writes no bb.csv)"
         )
-    try:
-        df = pd.read_csv(path)
-    except pd.errors.EmptyDataError:
-        df = pd.DataFrame(columns=list(BB_COLUMNS))
-    missing = [c for c in BB_COLUMNS if c not in df.columns]
-    if missing:
-        raise UserError(f"{path} lacks columns {missing}: was it written by bbem.rundir?")
-    # a row cut short by a kill mid-write has empty fields: drop it, as bbem.rundir does
-    df = df[list(BB_COLUMNS)].dropna()
-    if df.empty:
+    table = read_bb_table(path)
+    if table is None:
         raise UserError(f"{path} has no rows yet: wait for the run's first BB log")
-    table = {
-        "step": df["step"].to_numpy(np.int64),
-        "layer": df["layer"].astype(str).to_numpy(),
-        "mode": df["mode"].astype(str).to_numpy(),
-        "unit": df["unit"].to_numpy(np.int64),
-        "on_rate": df["on_rate"].to_numpy(np.float64),
-        "degree": df["degree"].to_numpy(np.int64),
-        "full_fan": df["full_fan"].to_numpy(np.int64),
-        "traffic": df["traffic"].to_numpy(np.float64),
-    }
     return OnRates(table, source=str(path))
 
 
