@@ -30,6 +30,8 @@ from bbem.atomic import atomic_output
 from bbem.errors import UserError
 
 BB_COLUMNS = ("step", "layer", "mode", "unit", "on_rate", "degree", "full_fan", "traffic")
+#: ``bb.summary()`` keys logged as ``bb_<key>`` columns of metrics.csv, by every training job.
+BB_SUMMARY_KEYS = ("param_density", "on_rate_mean", "entropy_mean", "balance_r2")
 
 
 class RunDir:
@@ -92,6 +94,11 @@ class RunDir:
 
     def read_metrics(self) -> list[dict[str, str]]:
         return _read(self.metrics_csv)[1] if self.metrics_csv.is_file() else []
+
+
+def bb_summary_columns(summary: Mapping[str, float]) -> dict[str, float]:
+    """The ``bb_<key>`` metrics.csv columns of a ``bb.summary()``."""
+    return {f"bb_{k}": round(float(summary[k]), 6) for k in BB_SUMMARY_KEYS if k in summary}
 
 
 def bb_rows(step: int, stats: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -23,7 +23,7 @@ from torch import nn
 from bbem.config import RunConfig, load_config, resolve_volumes
 from bbem.errors import UserError
 from bbem.model import attach_from_config, build_model, load_checkpoint, save_checkpoint
-from bbem.rundir import RunDir
+from bbem.rundir import RunDir, bb_summary_columns
 
 
 def pick_device(choice: str) -> torch.device:
@@ -131,9 +131,7 @@ class _Batches:
         return next(self.it)
 
 
-def validate(
-    model: nn.Module, volumes: list, patch_size, model_cfg: dict, device
-) -> dict[str, Any]:
+def validate(model: nn.Module, volumes: list, patch_size, model_cfg: dict) -> dict[str, Any]:
     """Sliding-window prediction of every validation volume; voxel PR-AUC and F1 over all of them."""
     from bbem.infer import make_plan, predict_region
     from bbem.metrics.voxel import PRHistogram, to_uint8
@@ -145,7 +143,7 @@ def validate(
     try:
         for raw, truth, _ in volumes:
             plan = make_plan(raw.shape, downsample_factor(model_cfg), roi=patch_size)
-            prob = predict_region(model.to("cpu") if device.type == "cpu" else model, raw, plan)
+            prob = predict_region(model, raw, plan)
             hist.update(to_uint8(prob), truth)
     finally:
         model.train(was_training)
@@ -161,13 +159,12 @@ def train(
     """Train a cleft detector; returns the final row of ``metrics.csv`` plus ``run_dir``."""
     from bbem.data import auto_pos_weight, load_val_volumes
 
+    resolve_volumes(cfg)
     if resume is not None:
         rd = RunDir.open(resume)
     else:
-        resolve_volumes(cfg)
         path = run_dir or Path("runs") / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
         rd = RunDir.create(path, cfg.to_dict())
-    resolve_volumes(cfg)
     device = pick_device(cfg.train.device)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     _seed_all(cfg.train.seed)
@@ -261,11 +258,11 @@ def train(
                     f"training diverged at step {step} (loss {loss.item()}): lower optim.lr"
                 )
             losses.append(loss.item())
-            density = bb.summary()["density"] if bb is not None else 1.0
+            density = bb.density() if bb is not None else 1.0
             bar.update(step, loss=losses[-1], density=density, pr_auc=last_val.get("pr_auc"))
 
             if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
-                last_val = validate(model, val_volumes, cfg.data.patch_size, model_cfg, device)
+                last_val = validate(model, val_volumes, cfg.data.patch_size, model_cfg)
                 row = {
                     "step": step,
                     "time_s": round(time.perf_counter() - t0, 2),
@@ -275,14 +272,7 @@ def train(
                     **{f"val_{k}": round(float(last_val[k]), 6) for k in VAL_COLUMNS},
                 }
                 if bb is not None:
-                    s = bb.summary()
-                    row.update(
-                        {
-                            f"bb_{k}": round(s[k], 6)
-                            for k in ("param_density", "on_rate_mean", "entropy_mean", "balance_r2")
-                            if k in s
-                        }
-                    )
+                    row.update(bb_summary_columns(bb.summary()))
                 losses = []
                 rd.append_metrics(row)
                 if bb is not None:

@@ -222,13 +222,17 @@ class BudgetedBroadcast:
             }
         return out
 
+    def density(self) -> float:
+        """Kept fraction of edges over every masked layer; cheap enough for every step."""
+        kept = sum(float(layer.mask.mask.sum()) for layer in self.layers.values())
+        edges = sum(layer.mask.mask.numel() for layer in self.layers.values())
+        return kept / edges if edges else 1.0
+
     def summary(self) -> dict[str, float]:
         """The net as plain floats: density (edges and parameters), traffic, entropy, balance."""
         st = self.stats()
         if not st:
             return {}
-        edges = sum(s["fan_in"].numel() * s["fan_out"].numel() for s in st.values())
-        kept = sum(int(s["fan_in"].sum()) for s in st.values())
         params = sum(s["params"] for s in st.values())
         kept_p = sum(s["kept_params"] for s in st.values())
         model_params = sum(p.numel() for p in self.model.parameters())
@@ -244,7 +248,7 @@ class BudgetedBroadcast:
         return {
             "step": float(self.step_count),
             "target_density": self.target_density(),
-            "density": kept / edges,
+            "density": self.density(),
             "param_density": kept_p / params,
             "model_param_density": (model_params - (params - kept_p)) / model_params,
             "on_rate_mean": float(a.mean()),

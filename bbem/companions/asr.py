@@ -36,8 +36,7 @@ from bbem.companions.common import (
     default_run_dir,
     load_config,
     print_summary,
-    seed_everything,
-    train,
+    run_task,
 )
 from bbem.errors import UserError
 
@@ -692,12 +691,8 @@ def make_task(cfg: Mapping[str, Any], progress: bool = True) -> Task:
 
 def run(cfg: Mapping[str, Any], run_dir: str | os.PathLike) -> dict[str, float]:
     """Train and evaluate one ASR run in ``run_dir``; returns the last metrics row."""
-    threads = cfg["train"].get("threads")
-    if threads:
-        torch.set_num_threads(int(threads))
-    seed_everything(int(cfg["train"]["seed"]))
-    task = make_task(cfg, progress=not cfg["train"].get("quiet", False))
-    return train(task, cfg, run_dir)
+    quiet = bool(cfg["train"].get("quiet", False))
+    return run_task(lambda c: make_task(c, progress=not quiet), cfg, run_dir)
 
 
 def run_from_cli(config: str, overrides: Sequence[str] = (), run_dir: str | None = None) -> None:

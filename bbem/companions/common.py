@@ -25,13 +25,11 @@ from torch import nn
 
 from bbem.atomic import atomic_output
 from bbem.errors import UserError
-from bbem.rundir import RunDir
+from bbem.rundir import RunDir, bb_summary_columns
 
 #: Same payload shape as the EM checkpoints (see bbem.model), plus a ``task`` key.
 CHECKPOINT_FORMAT = "bbem-checkpoint-1"
 BB_METHODS = ("dense", "bb", "bb_tiers", "magnitude", "random")
-#: ``bb.summary()`` keys logged as ``bb_<key>`` metrics columns, as ``bbem train`` does.
-BB_SUMMARY = ("param_density", "on_rate_mean", "entropy_mean", "balance_r2")
 
 
 # -- config ---------------------------------------------------------------------------------------
@@ -212,6 +210,19 @@ def save_checkpoint(path: Path, payload: Mapping[str, Any]) -> None:
         torch.save(dict(payload), tmp)
 
 
+def run_task(
+    make_task: Callable[[Mapping[str, Any]], Task],
+    cfg: Mapping[str, Any],
+    run_dir: str | os.PathLike,
+) -> dict[str, float]:
+    """Set threads and seeds from ``cfg["train"]``, build the task, train it; the last row."""
+    threads = cfg["train"].get("threads")
+    if threads:
+        torch.set_num_threads(int(threads))
+    seed_everything(int(cfg["train"]["seed"]))
+    return train(make_task(cfg), cfg, run_dir)
+
+
 def train(task: Task, cfg: Mapping[str, Any], run_dir: str | os.PathLike) -> dict[str, float]:
     """Train ``task.model`` as ``cfg`` says, writing the run directory; return the last metrics.
 
@@ -311,8 +322,7 @@ def train(task: Task, cfg: Mapping[str, Any], run_dir: str | os.PathLike) -> dic
                     **{k: round(float(v), 5) for k, v in val.items()},
                 }
                 if bb is not None:  # the same BB columns as the EM training
-                    s = bb.summary()
-                    row |= {f"bb_{k}": round(float(s[k]), 6) for k in BB_SUMMARY if k in s}
+                    row |= bb_summary_columns(bb.summary())
                 losses = []
                 rd.append_metrics(row)
                 rd.append_bb(step, bb)

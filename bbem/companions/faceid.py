@@ -35,8 +35,7 @@ from bbem.companions.common import (
     default_run_dir,
     load_config,
     print_summary,
-    seed_everything,
-    train,
+    run_task,
 )
 from bbem.errors import UserError
 
@@ -633,11 +632,7 @@ def make_task(cfg: Mapping[str, Any]) -> Task:
 
 def run(cfg: Mapping[str, Any], run_dir: str | os.PathLike) -> dict[str, float]:
     """Train and evaluate one face-identification run in ``run_dir``; returns the last row."""
-    threads = cfg["train"].get("threads")
-    if threads:
-        torch.set_num_threads(int(threads))
-    seed_everything(int(cfg["train"]["seed"]))
-    return train(make_task(cfg), cfg, run_dir)
+    return run_task(make_task, cfg, run_dir)
 
 
 def run_from_cli(config: str, overrides: Sequence[str] = (), run_dir: str | None = None) -> None:
