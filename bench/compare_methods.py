@@ -14,6 +14,7 @@ doi 10.6084/m9.figshare.856713, CC BY-NC-SA 3.0).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import time
@@ -22,13 +23,22 @@ from pathlib import Path
 OUT = Path("bench/out")
 
 
+def method_sets(method: str) -> list[str]:
+    """``bb`` -> ``[bb.method=bb]``; a variant ``bb:probe=output:spread=0.2`` adds ``bb.probe=output``..."""
+    name, *extra = method.split(":")
+    return [f"bb.method={name}", *(f"bb.{kv}" for kv in extra)]
+
+
 def run_one(config: str, method: str, seed: int, overrides: list[str], out: Path) -> dict:
     from bbem.config import load_config
     from bbem.train import train
 
-    sets = [*overrides, f"bb.method={method}", f"train.seed={seed}", f"bb.seed={seed}"]
+    sets = [*overrides, *method_sets(method), f"train.seed={seed}", f"bb.seed={seed}"]
     cfg = load_config(config, sets)
-    run_dir = out / f"{cfg.name}-{method}-s{seed}"
+    # The run's name carries a hash of its whole config, so a rerun with other --set values
+    # never picks up results of a different experiment.
+    key = hashlib.sha1(cfg.model_dump_json().encode()).hexdigest()[:8]
+    run_dir = out / f"{cfg.name}-{method.replace(':', '-').replace('=', '')}-s{seed}-{key}"
     result_file = run_dir / "result.json"
     if result_file.is_file():  # finished earlier: the benchmark can be resumed
         return json.loads(result_file.read_text())
@@ -105,10 +115,15 @@ def plot(results: list[dict], methods: list[str], path: Path, title: str) -> Non
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/bench/real_bb.yaml")
-    ap.add_argument("--methods", default="dense,bb,magnitude,random")
+    ap.add_argument(
+        "--methods",
+        default="dense,bb,magnitude,random",
+        help="comma-separated; a BB variant is method:key=value[:key=value], e.g. bb:probe=output",
+    )
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--tag", help="suffix for the table/plot names (compare-<config>-<tag>.*)")
     a = ap.parse_args()
     methods = a.methods.split(",")
     seeds = [int(s) for s in a.seeds.split(",")]
@@ -124,7 +139,7 @@ def main() -> None:
             )
             results.append(r)
     lines = summarise(results, methods)
-    stem = Path(a.config).stem
+    stem = Path(a.config).stem if a.tag is None else f"{Path(a.config).stem}-{a.tag}"
     print(f"\n{a.config} {' '.join(a.set)}, seeds {seeds}\n")
     print("\n".join(lines))
     (out / f"compare-{stem}.md").write_text("\n".join(lines) + "\n")

@@ -123,6 +123,44 @@ def test_solve_budget_respects_caps():
     assert deg.tolist()[0] == 1 and int(deg.sum()) == 20
 
 
+def test_solve_budget_matches_bisection_on_large_layers():
+    # Oracle: bisect t on the real-valued sum; the integer degrees may differ by < 1 per unit.
+    g = torch.Generator().manual_seed(0)
+    u, k = 3000, 512
+    base = torch.randn(u, generator=g, dtype=torch.float64) * 100
+    slope = torch.rand(u, generator=g, dtype=torch.float64) * 50 + 1
+    lo = torch.randint(0, 20, (u,), generator=g).double()
+    hi = torch.randint(200, k + 1, (u,), generator=g).double()
+    total = 160_000
+    deg = solve_budget(base, slope, lo, hi, total)
+    a, b = -1e6, 1e6
+    for _ in range(200):
+        t = (a + b) / 2
+        s = torch.minimum(torch.maximum(base + t * slope, lo), hi).sum()
+        a, b = (t, b) if s < total else (a, t)
+    real = torch.minimum(torch.maximum(base + a * slope, lo), hi)
+    assert int(deg.sum()) == total
+    assert torch.all((deg - real).abs() < 1 + 1e-6)
+    assert torch.all(deg >= lo) and torch.all(deg <= hi)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    u=st.integers(1, 30), k=st.integers(1, 30), seed=st.integers(0, 1000), levels=st.integers(1, 4)
+)
+def test_topk_mask_against_sorting_oracle(u, k, seed, levels):
+    # Few distinct score levels force ties; the oracle is a stable descending sort per row.
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, levels, (u, k), generator=g).float()
+    deg = torch.randint(0, k + 1, (u,), generator=g)
+    m = topk_mask(scores, deg)
+    for row in range(u):
+        order = sorted(range(k), key=lambda j: (-scores[row, j].item(), j))
+        expect = torch.zeros(k)
+        expect[order[: int(deg[row])]] = 1
+        assert torch.equal(m[row], expect)
+
+
 def test_topk_mask_counts_and_choice():
     scores = torch.tensor([[3.0, 1.0, 2.0], [0.0, 5.0, 4.0]])
     m = topk_mask(scores, torch.tensor([2, 1]))

@@ -1,11 +1,12 @@
 """The refresh: target degrees under an exact edge budget, and top-k masks. Pure tensor code.
 
 Everything here is vectorised over units (no Python loop over rows or channels); a Conv3d
-(256, 256, 3) refreshes in about a millisecond on a CPU (``bench/bb_refresh.py``).
+(256, 256, 3) refreshes in about 2 ms on one CPU thread (``bench/bb_refresh.py``).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -15,17 +16,29 @@ EPS = 1e-4
 def solve_budget(base: Tensor, slope: Tensor, lo: Tensor, hi: Tensor, total: int) -> Tensor:
     """Integer degrees ``k_u = clip(base_u + t * slope_u, lo_u, hi_u)`` summing to ``total``.
 
-    ``t`` is found exactly (the sum is piecewise linear and increasing in ``t``: evaluate it
-    at every breakpoint, then interpolate in the right segment); the real-valued degrees are
-    then floored and the leftover edges go to the units with the largest fractional parts, so
+    ``t`` is found exactly: the sum ``f(t)`` is piecewise linear and increasing, with a knot
+    where a unit enters or leaves its clip range. Sorting the ``2U`` knots and taking running
+    sums of each knot's change in intercept and slope gives ``f`` at every knot in
+    ``O(U log U)``; ``t`` is then interpolated in the right segment. The real-valued degrees
+    are floored and the leftover edges go to the units with the largest fractional parts, so
     the sum is exact and the order of units is kept. Shapes: all ``[U]``; returns long ``[U]``.
+
+    The arithmetic runs in NumPy float64: ``U`` is at most a few thousand, where NumPy's
+    per-call cost is a tenth of torch's and this keeps a refresh within its 3 ms budget.
     """
-    base, slope = base.double(), slope.double().clamp_min(1e-12)
-    lo, hi = lo.double(), torch.maximum(hi.double(), lo.double())
-    total = int(min(max(total, int(lo.sum().item())), int(hi.sum().item())))
-    knots = torch.cat([(lo - base) / slope, (hi - base) / slope]).sort().values  # [2U]
-    sums = _clip(base[None] + knots[:, None] * slope[None], lo, hi).sum(1)  # [2U]
-    j = int(torch.searchsorted(sums, torch.tensor([float(total)], dtype=sums.dtype)).item())
+    b, s, lo_, hi_ = (_f64(x) for x in (base, slope, lo, hi))
+    s = np.maximum(s, 1e-12)
+    hi_ = np.maximum(hi_, lo_)
+    total = int(min(max(total, int(lo_.sum())), int(hi_.sum())))
+    t_lo, t_hi = (lo_ - b) / s, (hi_ - b) / s
+    knots = np.concatenate([t_lo, t_hi])
+    # Entering at t_lo: the unit's term goes from lo to b + t s; leaving at t_hi: to hi.
+    d_icpt = np.concatenate([b - lo_, hi_ - b])
+    d_slope = np.concatenate([s, -s])
+    order = np.argsort(knots, kind="stable")
+    knots = knots[order]
+    sums = lo_.sum() + np.cumsum(d_icpt[order]) + knots * np.cumsum(d_slope[order])
+    j = int(np.searchsorted(sums, float(total)))
     if j == 0:
         t = knots[0]
     elif j >= len(knots):
@@ -34,47 +47,37 @@ def solve_budget(base: Tensor, slope: Tensor, lo: Tensor, hi: Tensor, total: int
         s0, s1 = sums[j - 1], sums[j]
         w = 0.0 if s1 <= s0 else (total - s0) / (s1 - s0)
         t = knots[j - 1] + w * (knots[j] - knots[j - 1])
-    real = _clip(base + t * slope, lo, hi)
-    return _round_to_total(real, lo, hi, total)
+    real = np.clip(b + t * s, lo_, hi_)
+    k = _round_to_total(real, lo_, hi_, total)
+    return torch.from_numpy(k).to(base.device)
 
 
-def _clip(x: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
-    return torch.minimum(torch.maximum(x, lo), hi)
+def _f64(x: Tensor) -> np.ndarray:
+    return x.detach().cpu().double().numpy()
 
 
-def _round_to_total(real: Tensor, lo: Tensor, hi: Tensor, total: int) -> Tensor:
-    k = torch.minimum(torch.maximum(real.floor(), lo), hi)
-    short = total - int(k.sum().item())
-    if short > 0:
-        frac = torch.where(k < hi, real - k, torch.full_like(real, -1.0))
-        # Stable order: largest fraction first; equal fractions keep the unit order.
-        order = torch.argsort(frac, descending=True, stable=True)
-        room = (hi - k)[order].clamp_min(0)
-        take = torch.zeros_like(k)
-        # One extra edge per unit per pass keeps the rule's order; a second pass is rare.
-        while short > 0:
-            add = (torch.cumsum((room > 0).double(), 0) <= short) & (room > 0)
-            n = int(add.sum().item())
-            if n == 0:
-                break
-            take[order[add]] += 1
-            room = room - add.double()
-            short -= n
-        k = k + take
-    elif short < 0:
-        frac = torch.where(k > lo, real - k, torch.full_like(real, 2.0))
-        order = torch.argsort(frac, stable=True)
-        room = (k - lo)[order].clamp_min(0)
-        need = -short
-        while need > 0:
-            drop = (torch.cumsum((room > 0).double(), 0) <= need) & (room > 0)
-            n = int(drop.sum().item())
-            if n == 0:
-                break
-            k[order[drop]] -= 1
-            room = room - drop.double()
-            need -= n
-    return k.long()
+def _round_to_total(real: np.ndarray, lo: np.ndarray, hi: np.ndarray, total: int) -> np.ndarray:
+    k = np.clip(np.floor(real), lo, hi)
+    short = total - int(k.sum())
+    # One edge per unit per pass, in order of fractional part (stable: equal fractions keep
+    # the unit order); a second pass only happens when caps bind, and is rare.
+    while short > 0:
+        frac = np.where(k < hi, real - k, -np.inf)
+        order = np.argsort(-frac, kind="stable")[:short]
+        order = order[frac[order] > -np.inf]
+        if len(order) == 0:
+            break
+        k[order] += 1
+        short -= len(order)
+    while short < 0:
+        frac = np.where(k > lo, real - k, np.inf)
+        order = np.argsort(frac, kind="stable")[:-short]
+        order = order[frac[order] < np.inf]
+        if len(order) == 0:
+            break
+        k[order] -= 1
+        short += len(order)
+    return k.astype(np.int64)
 
 
 def bb_degrees(
@@ -135,9 +138,29 @@ def uniform_degrees(units: int, full_fan: int, total: int, k_max: Tensor | None)
 def topk_mask(scores: Tensor, degrees: Tensor) -> Tensor:
     """Keep the ``degrees[u]`` best-scoring edges of each row ``u`` of ``scores`` ``[U, K]``.
 
-    Returns a float ``[U, K]`` mask with exactly ``degrees[u]`` ones in row ``u``.
+    Returns a float ``[U, K]`` mask with exactly ``degrees[u]`` ones in row ``u``; among equal
+    scores the lower column index wins, so the result is deterministic.
+
+    On CPU each row's ``degrees[u]``-th largest score is read from NumPy's SIMD row sort
+    (about 30x faster than ``torch.sort`` on 256 x 256) and used as a threshold; rows where
+    ties at the threshold would keep too many edges fall back to a stable rank.
     """
-    K = scores.shape[1]
-    order = torch.argsort(scores, dim=1, descending=True)
-    keep = torch.arange(K, device=scores.device)[None, :] < degrees.to(scores.device)[:, None]
-    return torch.zeros_like(scores, dtype=torch.float32).scatter_(1, order, keep.float())
+    if scores.device.type != "cpu":
+        order = torch.argsort(scores, dim=1, descending=True, stable=True)
+        K = scores.shape[1]
+        keep = torch.arange(K, device=scores.device)[None, :] < degrees.to(scores.device)[:, None]
+        return torch.zeros_like(scores, dtype=torch.float32).scatter_(1, order, keep.float())
+    s = scores.detach().float().contiguous().numpy()
+    d = degrees.detach().cpu().numpy().astype(np.int64)
+    U, K = s.shape
+    if U == 0 or K == 0:
+        return torch.zeros(U, K)
+    thr = np.sort(s, axis=1)[np.arange(U), np.clip(K - d, 0, K - 1)]
+    keep = (s >= thr[:, None]) & (d > 0)[:, None]
+    bad = np.flatnonzero(keep.sum(1) != d)
+    if len(bad):
+        order = np.argsort(-s[bad], axis=1, kind="stable")
+        rows = np.zeros((len(bad), K), dtype=bool)
+        np.put_along_axis(rows, order, np.arange(K)[None, :] < d[bad, None], axis=1)
+        keep[bad] = rows
+    return torch.from_numpy(keep.astype(np.float32))

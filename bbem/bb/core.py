@@ -190,10 +190,13 @@ class BudgetedBroadcast:
         state = self.optimizer.state.get(p)
         if not state:
             return
-        keep = (~changed).to(p.dtype).view(*changed.shape, *([1] * (p.dim() - 2)))
+        # Index the changed channel pairs rather than multiply by a mask: a refresh changes a
+        # few percent of edges, so this touches a few percent of the moment tensors.
+        # (A tuple of indices: boolean-mask assignment is 15x slower on CPU.)
+        pairs = changed.to(p.device).nonzero(as_tuple=True)
         for value in state.values():
             if torch.is_tensor(value) and value.shape == p.shape:
-                value.mul_(keep)
+                value[pairs] = 0
 
     # -- reporting --------------------------------------------------------------------------
     def stats(self) -> dict[str, dict[str, Any]]:
