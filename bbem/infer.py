@@ -290,9 +290,15 @@ def predict_region(model: Any, raw: np.ndarray, plan: Plan, tta: bool = False) -
             plan.roi, mode="gaussian", sigma_scale=SIGMA_SCALE, device="cpu"
         )
     x = torch.from_numpy(np.ascontiguousarray(raw, dtype=np.float32))[None, None]
+    # Windows run where the model lives (a GPU while training validates); blending stays on
+    # the CPU, so a large region never has to fit in device memory.
+    param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    sw_device = param.device if param is not None else x.device
     with torch.inference_mode():
         out = sliding_window_inference(
             x,
+            sw_device=sw_device,
+            device=x.device,
             roi_size=plan.roi,
             sw_batch_size=1,  # one window per forward: the result cannot depend on batching
             predictor=_Predictor(model, tta),

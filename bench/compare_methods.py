@@ -37,7 +37,9 @@ def run_one(config: str, method: str, seed: int, overrides: list[str], out: Path
     cfg = load_config(config, sets)
     # The run's name carries a hash of its whole config, so a rerun with other --set values
     # never picks up results of a different experiment.
-    key = hashlib.sha1(cfg.model_dump_json().encode()).hexdigest()[:8]
+    # Dense runs ignore the bb section, so one dense run serves every density.
+    exclude = {"bb"} if method == "dense" else None
+    key = hashlib.sha1(cfg.model_dump_json(exclude=exclude).encode()).hexdigest()[:8]
     run_dir = out / f"{cfg.name}-{method.replace(':', '-').replace('=', '')}-s{seed}-{key}"
     result_file = run_dir / "result.json"
     if result_file.is_file():  # finished earlier: the benchmark can be resumed
