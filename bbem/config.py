@@ -342,6 +342,8 @@ class TrainConfig(_Section):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool | Literal["auto"] = "auto"
+    #: CPU threads for torch; ``None`` uses every core. Set 1 to run several jobs side by side.
+    threads: int | None = Field(None, ge=1)
 
 
 class RunConfig(_Section):

@@ -166,7 +166,7 @@ def train(
         path = run_dir or Path("runs") / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
         rd = RunDir.create(path, cfg.to_dict())
     device = pick_device(cfg.train.device)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(cfg.train.threads or max(1, os.cpu_count() or 1))
     _seed_all(cfg.train.seed)
 
     model_cfg = cfg.model.model_dump()

@@ -37,8 +37,9 @@ def run_one(config: str, method: str, seed: int, overrides: list[str], out: Path
     cfg = load_config(config, sets)
     # The run's name carries a hash of its whole config, so a rerun with other --set values
     # never picks up results of a different experiment.
-    # Dense runs ignore the bb section, so one dense run serves every density.
-    exclude = {"bb"} if method == "dense" else None
+    # Dense runs ignore the bb section, so one dense run serves every density; the thread
+    # count changes speed, not the experiment.
+    exclude: dict = {"train": {"threads"}} | ({"bb": True} if method == "dense" else {})
     key = hashlib.sha1(cfg.model_dump_json(exclude=exclude).encode()).hexdigest()[:8]
     run_dir = out / f"{cfg.name}-{method.replace(':', '-').replace('=', '')}-s{seed}-{key}"
     result_file = run_dir / "result.json"

@@ -190,6 +190,7 @@ def test_overrides_apply_before_validation(demo):
         ),
         ("train=3", "train must be a section"),
         ("train.device=gpu", "train.device must be 'auto', 'cpu' or 'cuda'"),
+        ("train.threads=0", "train.threads must be greater than or equal to 1, got 0"),
         ("data.patch_size=[16,128,64]", "has y != x, but augment.rot90 turns patches"),
         ("model.norm=instanc", "model.norm must be one of MONAI's instance, batch"),
         ("model.act=rellu", "did you mean 'relu'?"),
