@@ -164,7 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="worker processes for --scheduler local; blocks run at a time for threads",
     )
     s.add_argument("--tta", action="store_true", help="average the 8 flips in z, y, x")
-    s.add_argument("--threshold", type=float, help="also write labels thresholded at this value")
+    s.add_argument(
+        "--threshold",
+        help="also write labels p >= this value; 'val' uses the threshold validation chose",
+    )
     g = s.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="finish an interrupted run")
     g.add_argument("--overwrite", action="store_true", help="replace an existing output")

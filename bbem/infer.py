@@ -552,6 +552,33 @@ def _work_path(output: Path) -> Path:
     return Path(f"{partial_path(output)}.zarr") if _is_tiff(output) else partial_path(output)
 
 
+def resolve_threshold(threshold: float | str | None, info: dict[str, Any]) -> float | None:
+    """A probability in [0, 1], or ``"val"``: the threshold validation chose for this checkpoint.
+
+    Models trained with a positive-class weight are not calibrated (0.5 can label most of a
+    volume), so the validation-chosen threshold is usually the one to apply.
+    """
+    if threshold is None:
+        return None
+    if str(threshold) == "val":
+        t = (info.get("metrics") or {}).get("threshold_best")
+        if t is None:
+            raise UserError(
+                "--threshold val needs a training checkpoint (or its export) that recorded a "
+                "validation threshold: give a number instead"
+            )
+        return float(t)
+    try:
+        t = float(threshold)
+    except ValueError:
+        raise UserError(
+            f"--threshold must be a probability in [0, 1] or 'val', got {threshold!r}"
+        ) from None
+    if not 0.0 <= t <= 1.0:
+        raise UserError(f"--threshold must be a probability in [0, 1] or 'val', got {threshold}")
+    return t
+
+
 def predict_volume(
     checkpoint_or_model: str | os.PathLike | Any,
     input: str | os.PathLike,
@@ -564,7 +591,7 @@ def predict_volume(
     resume: bool = False,
     overwrite: bool = False,
     key: str | None = None,
-    threshold: float | None = None,
+    threshold: float | str | None = None,
     roi_size: Sequence[int] | None = None,
     progress: bool = True,
 ) -> Path:
@@ -573,7 +600,8 @@ def predict_volume(
     ``checkpoint_or_model``: a training checkpoint or export (BB masks are baked in), or a
     model in eval mode (input ``[B, 1, Z, Y, X]``, logits out). ``output``: a zarr v3 OME-Zarr
     image of uint8 probabilities (p * 255) with the input's voxel size and offset, plus
-    ``labels/clefts`` (uint8 0/1, ``p >= threshold``) when ``threshold`` is given; or a tiff
+    ``labels/clefts`` (uint8 0/1, ``p >= threshold``) when ``threshold`` is given (a number,
+    or ``"val"`` for the one validation chose, see :func:`resolve_threshold`); or a tiff
     when it ends ``.tif`` (small volumes). ``block``, ``halo``, ``roi_size``: see
     :func:`make_plan`. ``scheduler``: ``threads`` (this process, ``workers`` blocks at a time
     on threads), ``local`` (a Dask LocalCluster of ``workers`` processes on 127.0.0.1) or
@@ -599,8 +627,6 @@ def predict_volume(
             )
     if scheduler not in ("threads", "local") and not str(scheduler).startswith("tcp://"):
         raise UserError(f"--scheduler must be threads, local or tcp://HOST:PORT, got {scheduler!r}")
-    if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
-        raise UserError(f"--threshold must be a probability in [0, 1], got {threshold}")
     if int(workers) < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
 
@@ -612,8 +638,9 @@ def predict_volume(
         if roi_size is None:
             roi_size = ((info.get("config") or {}).get("data") or {}).get("patch_size")
     else:
-        ckpt, model = None, checkpoint_or_model
+        ckpt, model, info = None, checkpoint_or_model, {}
         factor = model_factor(model)
+    threshold = resolve_threshold(threshold, info)
 
     input_s = str(input) if "://" in str(input) else str(Path(input).absolute())
     vol = _open_volume(input_s, key)
@@ -881,7 +908,7 @@ def infer_from_cli(
     resume: bool = False,
     overwrite: bool = False,
     key: str | None = None,
-    threshold: float | None = None,
+    threshold: float | str | None = None,
 ) -> Path:
     """``bbem infer``: see :func:`predict_volume`."""
     return predict_volume(

@@ -185,6 +185,28 @@ def test_tta_and_threshold(export: Path, raw, tmp_path: Path):
     assert 0 < labels.mean() < 1
 
 
+def test_threshold_val_uses_the_checkpoints_validation_threshold(raw, tmp_path: Path):
+    path, _ = raw
+    torch.manual_seed(0)
+    state = build_model(TINY).state_dict()
+    ck = _save_export(tmp_path / "tiny.pt", TINY, state)
+    payload = torch.load(ck, weights_only=False)
+    payload["info"]["metrics"] = {"threshold_best": 0.52}
+    torch.save(payload, ck)
+    out = predict_volume(ck, path, tmp_path / "v.zarr", threshold="val", progress=False)
+    prob, labels = _read(out), _read(out / "labels" / "clefts")
+    assert labels[prob >= 134].all() and not labels[prob <= 131].any()  # 0.52 * 255 = 132.6
+    # An export without a recorded threshold, or a bad value: one line, nothing written.
+    bare = _save_export(tmp_path / "bare.pt", TINY, state)
+    with pytest.raises(UserError, match="--threshold val needs a training checkpoint"):
+        predict_volume(bare, path, tmp_path / "w.zarr", threshold="val", progress=False)
+    with pytest.raises(UserError, match=r"probability in \[0, 1\] or 'val', got 'half'"):
+        predict_volume(bare, path, tmp_path / "w.zarr", threshold="half", progress=False)
+    with pytest.raises(UserError, match="probability"):
+        predict_volume(bare, path, tmp_path / "w.zarr", threshold=1.5, progress=False)
+    assert not (tmp_path / "w.zarr").exists()
+
+
 def test_tiff_output(export: Path, raw, tmp_path: Path):
     path, _ = raw
     z = predict_volume(export, path, tmp_path / "p.zarr", progress=False)
