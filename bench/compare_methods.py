@@ -44,7 +44,7 @@ def run_one(config: str, method: str, seed: int, overrides: list[str], out: Path
     run_dir = out / f"{cfg.name}-{method.replace(':', '-').replace('=', '')}-s{seed}-{key}"
     result_file = run_dir / "result.json"
     if result_file.is_file():  # finished earlier: the benchmark can be resumed
-        return json.loads(result_file.read_text())
+        return {**unit_spread(run_dir), **json.loads(result_file.read_text())}
     if run_dir.exists():
         import shutil
 
@@ -61,15 +61,32 @@ def run_one(config: str, method: str, seed: int, overrides: list[str], out: Path
         "density": r["density"],
         "bb_param_density": r.get("bb_param_density", 1.0),
         "time_s": time.perf_counter() - t,
+        **unit_spread(run_dir),
     }
     result_file.write_text(json.dumps(r))
     return r
 
 
+def unit_spread(run_dir: Path) -> dict:
+    """How much BB differentiates units at the end of a run: the standard deviation over all
+    masked units of the on-rate and of the kept fraction (degree / full fan); 0 when dense."""
+    from bbem.rundir import read_bb_table
+
+    t = read_bb_table(run_dir / "bb.csv")
+    if t is None:
+        return {"on_rate_sd": 0.0, "kept_fraction_sd": 0.0}
+    last = t["step"] == t["step"].max()
+    return {
+        "on_rate_sd": float(t["on_rate"][last].std()),
+        "kept_fraction_sd": float((t["degree"][last] / t["full_fan"][last]).std()),
+    }
+
+
 def summarise(results: list[dict], methods: list[str]) -> list[str]:
     lines = [
-        "| method | density | PR-AUC (final) | F1 best (final) | F1 @0.5 (final) | best PR-AUC | runs |",
-        "|---|---|---|---|---|---|---|",
+        "| method | density | PR-AUC (final) | F1 best (final) | F1 @0.5 (final) | best PR-AUC "
+        "| on-rate sd | kept-fraction sd | runs |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for m in methods:
         rs = [r for r in results if r["method"] == m]
@@ -81,7 +98,8 @@ def summarise(results: list[dict], methods: list[str]) -> list[str]:
 
         lines.append(
             f"| {m} | {rs[0]['density']:.2f} | {ms('final_pr_auc')} | {ms('final_f1_best')} | "
-            f"{ms('final_f1_05')} | {ms('best_pr_auc')} | {len(rs)} |"
+            f"{ms('final_f1_05')} | {ms('best_pr_auc')} | {ms('on_rate_sd')} | "
+            f"{ms('kept_fraction_sd')} | {len(rs)} |"
         )
     return lines
 
