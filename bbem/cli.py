@@ -106,13 +106,13 @@ def _report(a: argparse.Namespace) -> None:
 def _asr(a: argparse.Namespace) -> None:
     from bbem.companions.asr import run_from_cli
 
-    run_from_cli(config=a.config, overrides=a.set, run_dir=a.run_dir)
+    run_from_cli(config=a.config, overrides=a.set, run_dir=a.run_dir, resume=a.resume)
 
 
 def _faceid(a: argparse.Namespace) -> None:
     from bbem.companions.faceid import run_from_cli
 
-    run_from_cli(config=a.config, overrides=a.set, run_dir=a.run_dir)
+    run_from_cli(config=a.config, overrides=a.set, run_dir=a.run_dir, resume=a.resume)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,9 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
         ("faceid", _faceid, "face identification"),
     ):
         s = cmd(name, fn, f"companion task: {what} with BB on the same core")
-        s.add_argument("config")
+        s.add_argument("config", nargs="?", help="YAML config (not needed with --resume)")
         s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
         s.add_argument("--run-dir")
+        s.add_argument(
+            "--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint"
+        )
     return p
 
 

@@ -300,3 +300,10 @@ def test_unit_means_skip_padding():
     means = torch.stack([h[i, : lengths[i]].mean(0) for i in range(6)]).numpy()
     r = np.abs(np.corrcoef(means.T))[~np.eye(4, dtype=bool)].mean()
     assert units.decorrelation() == pytest.approx(r, rel=1e-5)
+
+
+def test_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch):
+    from companion_resume import check_exact_resume
+
+    cfg = tiny_cfg(tmp_path, train={"steps": 9, "eval_every": 6, "checkpoint_every": 3})
+    check_exact_resume(asr, "asr", cfg, tmp_path, monkeypatch)

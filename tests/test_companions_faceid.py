@@ -257,3 +257,14 @@ def test_unit_means_decorrelation_matches_numpy():
     r = np.abs(np.corrcoef(m.T))[~np.eye(5, dtype=bool)].mean()
     assert units.decorrelation() == pytest.approx(r, rel=1e-5)
     assert not net[1]._forward_hooks  # hooks removed
+
+
+def test_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch):
+    from companion_resume import check_exact_resume
+
+    cfg = tiny_cfg(
+        tmp_path,
+        data={"real_check": False},
+        train={"steps": 9, "eval_every": 6, "checkpoint_every": 3},
+    )
+    check_exact_resume(faceid, "faceid", cfg, tmp_path, monkeypatch)

@@ -36,6 +36,7 @@ from bbem.companions.common import (
     default_run_dir,
     load_config,
     print_summary,
+    resume_config,
     run_task,
 )
 from bbem.errors import UserError
@@ -648,8 +649,9 @@ def make_task(cfg: Mapping[str, Any], progress: bool = True) -> Task:
     seed = int(cfg["train"]["seed"])
     gen = torch.Generator().manual_seed(seed)
 
-    def batches() -> Iterator[Any]:
-        rng = np.random.default_rng(seed)
+    def batches(stream_seed: int) -> Iterator[Any]:
+        rng = np.random.default_rng(stream_seed)
+        gen.manual_seed(stream_seed)  # SpecAugment's draws restart with the stream
         # bucket by length so a batch pads little
         order = np.argsort([len(x) for x in tr.x], kind="stable")
         while True:
@@ -679,7 +681,7 @@ def make_task(cfg: Mapping[str, Any], progress: bool = True) -> Task:
     return Task(
         name="asr",
         model=model,
-        batches=batches(),
+        batches=batches,
         loss=loss,
         evaluate=evaluate,
         best="val_wer",
@@ -689,15 +691,27 @@ def make_task(cfg: Mapping[str, Any], progress: bool = True) -> Task:
     )
 
 
-def run(cfg: Mapping[str, Any], run_dir: str | os.PathLike) -> dict[str, float]:
-    """Train and evaluate one ASR run in ``run_dir``; returns the last metrics row."""
+def run(
+    cfg: Mapping[str, Any], run_dir: str | os.PathLike, resume: bool = False
+) -> dict[str, float]:
+    """Train and evaluate one ASR run in ``run_dir`` (or resume it); returns the last metrics row."""
     quiet = bool(cfg["train"].get("quiet", False))
-    return run_task(lambda c: make_task(c, progress=not quiet), cfg, run_dir)
+    return run_task(lambda c: make_task(c, progress=not quiet), cfg, run_dir, resume=resume)
 
 
-def run_from_cli(config: str, overrides: Sequence[str] = (), run_dir: str | None = None) -> None:
-    """``bbem asr CONFIG [--set k=v] [--run-dir DIR]``."""
-    cfg = load_config(config, DEFAULTS, overrides)
-    rd = Path(run_dir) if run_dir else default_run_dir(config, "asr")
-    row = run(cfg, rd)
+def run_from_cli(
+    config: str | None,
+    overrides: Sequence[str] = (),
+    run_dir: str | None = None,
+    resume: str | None = None,
+) -> None:
+    """``bbem asr CONFIG [--set k=v] [--run-dir DIR]`` or ``bbem asr --resume RUN_DIR``."""
+    if resume is not None:
+        cfg, rd = resume_config(config, overrides, resume), Path(resume)
+    elif config is None:
+        raise UserError("bbem asr needs a CONFIG (e.g. configs/asr_quick.yaml) or --resume RUN_DIR")
+    else:
+        cfg = load_config(config, DEFAULTS, overrides)
+        rd = Path(run_dir) if run_dir else default_run_dir(config, "asr")
+    row = run(cfg, rd, resume=resume is not None)
     print_summary("asr", rd, row)

@@ -187,7 +187,8 @@ class UnitMeans:
 class Task:
     """One companion task, as the loop sees it.
 
-    ``batches`` yields training batches forever; ``loss(model, batch)`` returns a scalar;
+    ``batches(seed)`` starts a stream that yields training batches forever, drawn from
+    ``seed`` alone (the loop restarts it at every checkpoint, which makes resume exact); ``loss(model, batch)`` returns a scalar;
     ``evaluate(model)`` returns ``{"val_...": float}`` (called under ``torch.no_grad`` and
     ``model.eval()``); ``best`` names the column that picks ``best.pt`` and ``best_mode`` is
     ``"min"`` or ``"max"``. ``bb_layers``/``bb_modes`` go to ``attach_bb``.
@@ -195,7 +196,7 @@ class Task:
 
     name: str
     model: nn.Module
-    batches: Iterator[Any]
+    batches: Callable[[int], Iterator[Any]]
     loss: Callable[[nn.Module, Any], torch.Tensor]
     evaluate: Callable[[nn.Module], dict[str, float]]
     best: str
@@ -214,21 +215,38 @@ def run_task(
     make_task: Callable[[Mapping[str, Any]], Task],
     cfg: Mapping[str, Any],
     run_dir: str | os.PathLike,
+    resume: bool = False,
 ) -> dict[str, float]:
     """Set threads and seeds from ``cfg["train"]``, build the task, train it; the last row."""
     threads = cfg["train"].get("threads")
     if threads:
         torch.set_num_threads(int(threads))
     seed_everything(int(cfg["train"]["seed"]))
-    return train(make_task(cfg), cfg, run_dir)
+    return train(make_task(cfg), cfg, run_dir, resume=resume)
 
 
-def train(task: Task, cfg: Mapping[str, Any], run_dir: str | os.PathLike) -> dict[str, float]:
+def resume_config(config: str | None, overrides: Sequence[str], resume: str) -> dict[str, Any]:
+    """The config a ``--resume RUN_DIR`` continues with: the run's own, unchanged."""
+    if config is not None or overrides:
+        raise UserError("--resume continues a run with its saved config: drop CONFIG and --set")
+    return RunDir.open(resume).config
+
+
+def stream_seed(seed: int, step: int) -> int:
+    """The seed of the batch stream (and torch's RNG) from checkpoint ``step`` on."""
+    return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
+
+
+def train(
+    task: Task, cfg: Mapping[str, Any], run_dir: str | os.PathLike, resume: bool = False
+) -> dict[str, float]:
     """Train ``task.model`` as ``cfg`` says, writing the run directory; return the last metrics.
 
     Every step: forward, loss, backward, clip, optimiser step, ``bb.step()``. Every
     ``train.eval_every`` steps (and at the end): evaluate, append a metrics row and the
-    per-unit BB rows, keep ``best.pt``. ``last.pt`` every ``train.checkpoint_every`` steps.
+    per-unit BB rows, keep ``best.pt``. ``last.pt`` every ``train.checkpoint_every`` steps;
+    the batch stream and torch's RNG restart from ``(train.seed, step)`` there, so
+    ``resume=True`` continues from ``last.pt`` exactly as if the run had never stopped.
     """
     from rich.progress import (
         BarColumn,
@@ -245,7 +263,7 @@ def train(task: Task, cfg: Mapping[str, Any], run_dir: str | os.PathLike) -> dic
     device = torch.device(str(tcfg.get("device", "cpu")))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("train.device is cuda but no GPU is visible: set train.device=cpu")
-    rd = RunDir.create(run_dir, cfg)
+    rd = RunDir.open(run_dir) if resume else RunDir.create(run_dir, cfg)
     rd.log.info("task %s, %d steps, bb %s", task.name, steps, cfg["bb"])
     model = task.model.to(device)
     opt = torch.optim.AdamW(
@@ -264,8 +282,29 @@ def train(task: Task, cfg: Mapping[str, Any], run_dir: str | os.PathLike) -> dic
     bb = attach_from_config(model, cfg["bb"], task.bb_layers, task.bb_modes, opt)
     clip = float(ocfg.get("grad_clip", 0) or 0)
     sign = -1.0 if task.best_mode == "max" else 1.0
-    best_val = math.inf
-    t0, losses, row = time.perf_counter(), [], {}
+    best_val, start, elapsed0 = math.inf, 0, 0.0
+    losses: list[float] = []
+    row: dict[str, Any] = {}
+    if resume:
+        ck = _load_last(rd)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        if bb is not None and ck.get("bb") is not None:
+            bb.load_state_dict(ck["bb"])
+        start, best_val = int(ck["step"]), float(ck["best_val"])
+        losses, row = list(ck["pending_losses"]), dict(ck["metrics"])
+        elapsed0 = float(ck["elapsed_s"])
+        rd.truncate_after(start)
+        rd.log.info("resumed at step %d", start)
+        if start >= steps:
+            raise UserError(f"run {rd.path} already finished ({start} steps): nothing to resume")
+    t0 = time.perf_counter() - elapsed0
+
+    def restart(step: int) -> Iterator[Any]:
+        s = stream_seed(int(tcfg["seed"]), step)
+        torch.manual_seed(s)
+        return task.batches(s)
 
     def payload(step: int, metrics: Mapping[str, float]) -> dict[str, Any]:
         return {
@@ -276,7 +315,11 @@ def train(task: Task, cfg: Mapping[str, Any], run_dir: str | os.PathLike) -> dic
             "model": model.state_dict(),
             "bb": bb.state_dict() if bb is not None else None,
             "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
             "metrics": dict(metrics),
+            "best_val": best_val,
+            "pending_losses": list(losses),
+            "elapsed_s": time.perf_counter() - t0,
         }
 
     columns = (
@@ -288,10 +331,11 @@ def train(task: Task, cfg: Mapping[str, Any], run_dir: str | os.PathLike) -> dic
         TimeRemainingColumn(),
     )
     with Progress(*columns, disable=bool(tcfg.get("quiet", False))) as progress:
-        bar = progress.add_task("train", total=steps, info="")
-        for step in range(1, steps + 1):
+        bar = progress.add_task("train", total=steps, completed=start, info="")
+        batches = restart(start)
+        for step in range(start + 1, steps + 1):
             model.train()
-            batch = next(task.batches)
+            batch = next(batches)
             loss = task.loss(model, batch)
             if not torch.isfinite(loss):
                 raise UserError(
@@ -334,8 +378,20 @@ def train(task: Task, cfg: Mapping[str, Any], run_dir: str | os.PathLike) -> dic
                 progress.update(bar, info=f"{task.best} {val[task.best]:.3f}")
             if step % ckpt_every == 0 or step == steps:
                 save_checkpoint(rd.checkpoint_path("last"), payload(step, row))
+                batches = restart(step)
             progress.update(bar, advance=1)
     return row
+
+
+def _load_last(rd: RunDir) -> dict[str, Any]:
+    path = rd.checkpoint_path("last")
+    if not path.is_file():
+        raise UserError(f"{rd.path} has no checkpoints/last.pt yet: start the run again instead")
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    missing = [k for k in ("scheduler", "best_val", "pending_losses", "elapsed_s") if k not in ck]
+    if missing:
+        raise UserError(f"{path} predates resume support (lacks {missing}): start the run again")
+    return ck
 
 
 def print_summary(task: str, run_dir: Path, row: Mapping[str, Any]) -> None:

@@ -35,6 +35,7 @@ from bbem.companions.common import (
     default_run_dir,
     load_config,
     print_summary,
+    resume_config,
     run_task,
 )
 from bbem.errors import UserError
@@ -579,8 +580,8 @@ def make_task(cfg: Mapping[str, Any]) -> Task:
     real = real_faces(int(cfg["data"]["size"])) if cfg["data"]["real_check"] else None
     real_aug = augment_copies(real, 4, seed) if real is not None else None
 
-    def batches() -> Iterator[Any]:
-        rng = np.random.default_rng(seed)
+    def batches(stream_seed: int) -> Iterator[Any]:
+        rng = np.random.default_rng(stream_seed)
         n = len(data.train_y)
         b = min(bs, n)
         while True:
@@ -620,7 +621,7 @@ def make_task(cfg: Mapping[str, Any]) -> Task:
     return Task(
         name="faceid",
         model=model,
-        batches=batches(),
+        batches=batches,
         loss=loss,
         evaluate=evaluate,
         best="val_top1",
@@ -630,14 +631,26 @@ def make_task(cfg: Mapping[str, Any]) -> Task:
     )
 
 
-def run(cfg: Mapping[str, Any], run_dir: str | os.PathLike) -> dict[str, float]:
-    """Train and evaluate one face-identification run in ``run_dir``; returns the last row."""
-    return run_task(make_task, cfg, run_dir)
+def run(
+    cfg: Mapping[str, Any], run_dir: str | os.PathLike, resume: bool = False
+) -> dict[str, float]:
+    """Train and evaluate one face-identification run in ``run_dir`` (or resume it); the last row."""
+    return run_task(make_task, cfg, run_dir, resume=resume)
 
 
-def run_from_cli(config: str, overrides: Sequence[str] = (), run_dir: str | None = None) -> None:
-    """``bbem faceid CONFIG [--set k=v] [--run-dir DIR]``."""
-    cfg = load_config(config, DEFAULTS, overrides)
-    rd = Path(run_dir) if run_dir else default_run_dir(config, "faceid")
-    row = run(cfg, rd)
+def run_from_cli(
+    config: str | None,
+    overrides: Sequence[str] = (),
+    run_dir: str | None = None,
+    resume: str | None = None,
+) -> None:
+    """``bbem faceid CONFIG [--set k=v] [--run-dir DIR]`` or ``bbem faceid --resume RUN_DIR``."""
+    if resume is not None:
+        cfg, rd = resume_config(config, overrides, resume), Path(resume)
+    elif config is None:
+        raise UserError("bbem faceid needs a CONFIG (e.g. configs/faceid.yaml) or --resume RUN_DIR")
+    else:
+        cfg = load_config(config, DEFAULTS, overrides)
+        rd = Path(run_dir) if run_dir else default_run_dir(config, "faceid")
+    row = run(cfg, rd, resume=resume is not None)
     print_summary("faceid", rd, row)
