@@ -110,7 +110,7 @@ def plot(results: list[dict], methods: list[str], path: Path, title: str) -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, label in (
         (axes[0], "final_pr_auc", "PR-AUC"),
         (axes[1], "final_f1_best", "F1 (best threshold)"),
@@ -125,7 +125,7 @@ def plot(results: list[dict], methods: list[str], path: Path, title: str) -> Non
                 fmt="o",
                 color="k",
             )
-        ax.set_xticks(range(len(methods)), methods)
+        ax.set_xticks(range(len(methods)), methods, rotation=20, ha="right")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     fig.suptitle(title)

@@ -44,7 +44,7 @@ class BBConfig:
     skip_unit_fan: bool = True
     #: where fan-in mode reads "on": ``act`` after the following activation (METHOD.md), or
     #: ``output`` on the layer's own output. A norm layer between conv and activation centres
-    #: every channel, pinning act on-rates near 0.5; ``output`` sees the conv's own bias.
+    #: every channel, which narrows act on-rates; ``output`` reads the conv itself.
     probe: str = "act"
 
     def __post_init__(self) -> None:
