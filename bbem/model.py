@@ -22,10 +22,13 @@ import torch
 from torch import nn
 
 from bbem.atomic import atomic_output
+from bbem.checkpoint import (  # noqa: F401 - re-exported: bbem.model is where users look
+    CHECKPOINT_FORMAT,
+    EXPORT_FORMAT,
+    load_checkpoint,
+    save_checkpoint,
+)
 from bbem.errors import UserError
-
-CHECKPOINT_FORMAT = "bbem-checkpoint-1"
-EXPORT_FORMAT = "bbem-export-1"
 
 #: The anisotropic default: EM sections are ~10x thicker than pixels, so z is not downsampled in
 #: the first two levels.
@@ -102,30 +105,6 @@ def attach_from_config(model: nn.Module, bb_cfg: Mapping[str, Any] | None):
 
     fields = {k: v for k, v in bb_cfg.items() if k not in ("layers",)}
     return attach_bb(model, BBConfig(**fields), layers=(nn.Conv3d,))
-
-
-def save_checkpoint(path: str | os.PathLike, payload: Mapping[str, Any]) -> Path:
-    """Write a checkpoint atomically (temporary name, then rename)."""
-    data = {"format": CHECKPOINT_FORMAT, **payload}
-    with atomic_output(path, overwrite=True) as tmp:
-        torch.save(data, tmp)
-    return Path(path)
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint or an export; a clear :class:`UserError` when it is missing or foreign."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"checkpoint {p} not found: pass a run's checkpoints/best.pt or last.pt")
-    try:
-        data = torch.load(p, map_location="cpu", weights_only=False)
-    except Exception as e:  # torch raises many types for a corrupt file
-        raise UserError(
-            f"checkpoint {p} cannot be read ({type(e).__name__}): is it a bbem checkpoint?"
-        ) from None
-    if not isinstance(data, dict) or data.get("format") not in (CHECKPOINT_FORMAT, EXPORT_FORMAT):
-        raise UserError(f"{p} is not a bbem checkpoint or export (no bbem format tag)")
-    return data
 
 
 def load_inference_model(

@@ -51,3 +51,6 @@ def check_exact_resume(
     # A finished run, or a config given as well: one line, exit 2.
     assert main([command, "--resume", str(tmp_path / "broken")]) == 2
     assert main([command, "x.yaml", "--resume", str(tmp_path / "broken")]) == 2
+    # A corrupt last checkpoint: one line, exit 2.
+    (tmp_path / "broken/checkpoints/last.pt").write_bytes(b"not a checkpoint")
+    assert main([command, "--resume", str(tmp_path / "broken")]) == 2

@@ -29,14 +29,11 @@ import torch
 from torch import nn
 
 from bbem.atomic import atomic_output
+from bbem.companions import common
 from bbem.companions.common import (
     Task,
     UnitMeans,
     cache_key,
-    default_run_dir,
-    load_config,
-    print_summary,
-    resume_config,
     run_task,
 )
 from bbem.errors import UserError
@@ -706,12 +703,6 @@ def run_from_cli(
     resume: str | None = None,
 ) -> None:
     """``bbem asr CONFIG [--set k=v] [--run-dir DIR]`` or ``bbem asr --resume RUN_DIR``."""
-    if resume is not None:
-        cfg, rd = resume_config(config, overrides, resume), Path(resume)
-    elif config is None:
-        raise UserError("bbem asr needs a CONFIG (e.g. configs/asr_quick.yaml) or --resume RUN_DIR")
-    else:
-        cfg = load_config(config, DEFAULTS, overrides)
-        rd = Path(run_dir) if run_dir else default_run_dir(config, "asr")
-    row = run(cfg, rd, resume=resume is not None)
-    print_summary("asr", rd, row)
+    common.run_from_cli(
+        "asr", "configs/asr_quick.yaml", DEFAULTS, run, config, overrides, run_dir, resume
+    )

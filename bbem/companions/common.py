@@ -23,12 +23,10 @@ import torch
 import yaml
 from torch import nn
 
-from bbem.atomic import atomic_output
+from bbem.checkpoint import load_checkpoint, save_checkpoint
 from bbem.errors import UserError
 from bbem.rundir import RunDir, bb_summary_columns
 
-#: Same payload shape as the EM checkpoints (see bbem.model), plus a ``task`` key.
-CHECKPOINT_FORMAT = "bbem-checkpoint-1"
 BB_METHODS = ("dense", "bb", "bb_tiers", "magnitude", "random")
 
 
@@ -206,11 +204,6 @@ class Task:
     final: Callable[[nn.Module], dict[str, float]] | None = None
 
 
-def save_checkpoint(path: Path, payload: Mapping[str, Any]) -> None:
-    with atomic_output(path, overwrite=True) as tmp:
-        torch.save(dict(payload), tmp)
-
-
 def run_task(
     make_task: Callable[[Mapping[str, Any]], Task],
     cfg: Mapping[str, Any],
@@ -225,11 +218,31 @@ def run_task(
     return train(make_task(cfg), cfg, run_dir, resume=resume)
 
 
-def resume_config(config: str | None, overrides: Sequence[str], resume: str) -> dict[str, Any]:
-    """The config a ``--resume RUN_DIR`` continues with: the run's own, unchanged."""
-    if config is not None or overrides:
-        raise UserError("--resume continues a run with its saved config: drop CONFIG and --set")
-    return RunDir.open(resume).config
+def run_from_cli(
+    task: str,
+    example: str,
+    defaults: Mapping[str, Any],
+    run: Callable[..., dict[str, float]],
+    config: str | None,
+    overrides: Sequence[str] = (),
+    run_dir: str | None = None,
+    resume: str | None = None,
+) -> None:
+    """``bbem TASK CONFIG [--set k=v] [--run-dir DIR]`` or ``bbem TASK --resume RUN_DIR``.
+
+    ``run(cfg, run_dir, resume=...)`` trains; a resumed run keeps its saved config unchanged.
+    """
+    if resume is not None:
+        if config is not None or overrides:
+            raise UserError("--resume continues a run with its saved config: drop CONFIG and --set")
+        rd = Path(resume)
+        cfg = RunDir.open(rd).config
+    elif config is None:
+        raise UserError(f"bbem {task} needs a CONFIG (e.g. {example}) or --resume RUN_DIR")
+    else:
+        cfg = load_config(config, defaults, overrides)
+        rd = Path(run_dir) if run_dir else default_run_dir(config, task)
+    print_summary(task, rd, run(cfg, rd, resume=resume is not None))
 
 
 def stream_seed(seed: int, step: int) -> int:
@@ -307,8 +320,8 @@ def train(
         return task.batches(s)
 
     def payload(step: int, metrics: Mapping[str, float]) -> dict[str, Any]:
+        # The EM checkpoints' payload (bbem.checkpoint adds the format tag), plus ``task``.
         return {
-            "format": CHECKPOINT_FORMAT,
             "task": task.name,
             "step": step,
             "config": dict(cfg),
@@ -387,7 +400,7 @@ def _load_last(rd: RunDir) -> dict[str, Any]:
     path = rd.checkpoint_path("last")
     if not path.is_file():
         raise UserError(f"{rd.path} has no checkpoints/last.pt yet: start the run again instead")
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    ck = load_checkpoint(path)
     missing = [k for k in ("scheduler", "best_val", "pending_losses", "elapsed_s") if k not in ck]
     if missing:
         raise UserError(f"{path} predates resume support (lacks {missing}): start the run again")
