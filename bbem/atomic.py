@@ -1,18 +1,61 @@
-"""Write to a temporary name, rename when complete: an interrupted write never looks finished.
+"""Outputs that never destroy data: temporary name then rename, kind-checked overwrite, locks.
 
 One implementation for every writer in bbem (zarr stores are directories, checkpoints and
-reports are files).
+reports are files). The rules, from DESIGN.md:
+
+- an existing output is refused unless ``overwrite``;
+- ``overwrite`` replaces only a bbem output of the same kind (a zarr volume by a zarr volume,
+  a PNG by a PNG, ...), never a folder of other files and never one of the command's inputs;
+- an output is written under ``<name>.partial`` and renamed when complete;
+- an output being written is locked (:func:`output_lock`), so a second run into it is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime as _dt
+import json
 import os
 import shutil
-from collections.abc import Iterator
+import socket
+import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from bbem.errors import UserError
+
+#: what a file's suffix says bbem writes there (anything else is a zarr directory)
+_SUFFIX_KINDS = {
+    ".tif": "tiff",
+    ".tiff": "tiff",
+    ".png": "png",
+    ".pt": "torch",
+    ".pth": "torch",
+    ".json": "json",
+    ".csv": "text",
+    ".yaml": "text",
+    ".yml": "text",
+    ".log": "text",
+    ".txt": "text",
+    ".md": "text",
+    ".npz": "npz",
+    ".h5": "hdf5",
+    ".hdf": "hdf5",
+    ".hdf5": "hdf5",
+}
+_KIND_WORDS = {
+    "zarr": "a zarr volume",
+    "tiff": "a tiff file",
+    "png": "a PNG image",
+    "torch": "a torch file",
+    "json": "a JSON file",
+    "text": "a text file",
+    "hdf5": "an hdf5 file",
+    "npz": "a NumPy archive",
+    "directory": "a folder",
+    "file": "a file",
+    "other": "something that is not a file or folder",
+}
 
 
 def partial_path(path: str | os.PathLike) -> Path:
@@ -30,24 +73,165 @@ def remove(path: str | os.PathLike) -> None:
         p.unlink()
 
 
-def check_output(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse an existing output unless ``overwrite``; return it as a Path."""
+def kind_for(path: str | os.PathLike) -> str:
+    """The kind of output bbem writes at ``path``, from its suffix (default: a zarr volume)."""
+    return _SUFFIX_KINDS.get(Path(path).suffix.lower(), "zarr")
+
+
+def sniff_kind(path: str | os.PathLike) -> str | None:
+    """What is at ``path`` now (see ``_KIND_WORDS``), from its content; None if nothing."""
     p = Path(path)
-    if p.exists() and not overwrite:
+    if not (p.exists() or p.is_symlink()):
+        return None
+    if p.is_dir():
+        zarr_marks = ("zarr.json", ".zgroup", ".zarray")
+        return "zarr" if any((p / m).is_file() for m in zarr_marks) else "directory"
+    if not p.is_file():
+        return "other"
+    try:
+        with p.open("rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return "file"
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "tiff"
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if head[:8] == b"\x89HDF\r\n\x1a\n":
+        return "hdf5"
+    if head[:4] == b"PK\x03\x04":
+        if _is_torch_zip(p):
+            return "torch"
+        return "npz" if p.suffix.lower() == ".npz" else "file"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "file"
+    if p.suffix.lower() == ".json" or text.lstrip()[:1] in ("{", "["):
+        try:
+            json.loads(p.read_text())
+            return "json"
+        except (ValueError, OSError):
+            pass
+    return "text" if p.suffix.lower() in _SUFFIX_KINDS else "file"
+
+
+def _is_torch_zip(p: Path) -> bool:
+    """torch.save's zip archive: one folder holding ``data.pkl``."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(p) as z:
+            return any(n.endswith("/data.pkl") or n == "data.pkl" for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def describe(path: str | os.PathLike) -> str:
+    """A few words on what is at ``path`` ("a folder of 12 entries", "a tiff file")."""
+    kind = sniff_kind(path)
+    if kind is None:
+        return "nothing"
+    if kind == "directory":
+        n = sum(1 for _ in Path(path).iterdir())
+        return f"a folder of {n} entr{'y' if n == 1 else 'ies'}" if n else "an empty folder"
+    return _KIND_WORDS[kind]
+
+
+def _local_path(ref: str | os.PathLike) -> Path | None:
+    """The local filesystem path an input reference names (``x.hdf:volumes/raw`` -> x.hdf)."""
+    s = os.fspath(ref)
+    if "://" in s and not s.startswith("file://"):
+        return None
+    s = s.removeprefix("file://")
+    p = Path(s)
+    if not p.exists() and ":" in s:  # path:key, the key naming a dataset inside the container
+        head = s.rsplit(":", 1)[0]
+        while head and not Path(head).exists() and ":" in head:
+            head = head.rsplit(":", 1)[0]
+        p = Path(head)
+    return p.resolve()
+
+
+def check_not_input(output: str | os.PathLike, inputs: Iterable[str | os.PathLike | None]) -> None:
+    """Refuse an output that is, contains or lies inside one of ``inputs``."""
+    out = Path(output).resolve()
+    for ref in inputs:
+        if ref is None:
+            continue
+        inp = _local_path(ref)
+        if inp is None:
+            continue
+        if out == inp:
+            how = "is"
+        elif inp in out.parents:
+            how = "lies inside"
+        elif out in inp.parents:
+            how = "contains"
+        else:
+            continue
+        raise UserError(
+            f"output {output} {how} the input {ref}: choose an output path outside the inputs"
+        )
+
+
+def check_output(
+    path: str | os.PathLike,
+    overwrite: bool,
+    kind: str | None = None,
+    inputs: Iterable[str | os.PathLike | None] = (),
+) -> Path:
+    """Refuse an output that would destroy data; return it as a Path.
+
+    Refused: an output that is, contains or lies inside an input; an existing output without
+    ``overwrite``; with ``overwrite``, an existing output of another kind than ``kind``
+    (default :func:`kind_for` the path), such as a folder of other files.
+    """
+    p = Path(path)
+    check_not_input(p, inputs)
+    kind = kind or kind_for(p)
+    if not (p.exists() or p.is_symlink()):
+        if p.parent.exists() and not p.parent.is_dir():
+            raise UserError(f"cannot write {p}: {p.parent} is a file, not a folder")
+        return p
+    if not overwrite:
         raise UserError(f"output {p} exists: choose another path or pass --overwrite")
+    found = sniff_kind(p)
+    if found != kind:
+        raise UserError(
+            f"output {p} is {describe(p)}, not {_KIND_WORDS[kind]} bbem wrote: --overwrite "
+            "replaces only a bbem output of the same kind; move it away or choose another path"
+        )
     return p
 
 
+def _writable_parent(p: Path) -> None:
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"cannot write {p}: a file stands where a folder must be") from None
+    except OSError as e:
+        raise UserError(f"cannot create the folder {p.parent}: {e.strerror}") from None
+    if not os.access(p.parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {p}: the folder {p.parent} is not writable")
+
+
 @contextlib.contextmanager
-def atomic_output(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output(
+    path: str | os.PathLike,
+    overwrite: bool = False,
+    kind: str | None = None,
+    inputs: Iterable[str | os.PathLike | None] = (),
+) -> Iterator[Path]:
     """Yield a temporary path to write to; on success it replaces ``path``.
 
-    On an exception the temporary is removed and ``path`` is left as it was. The temporary sits
-    in the same directory so the final rename stays on one filesystem (atomic for files; for a
-    directory the old one is removed just before the rename).
+    :func:`check_output` decides first whether ``path`` may be written. On an exception the
+    temporary is removed and ``path`` is left as it was. The temporary sits in the same
+    directory so the final rename stays on one filesystem (atomic for files; for a directory
+    the old one is removed just before the rename).
     """
-    final = check_output(path, overwrite)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    final = check_output(path, overwrite, kind, inputs)
+    _writable_parent(final)
     tmp = partial_path(final)
     remove(tmp)
     try:
@@ -58,3 +242,67 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False) -> Iterator[
     if final.is_dir() and not final.is_symlink():
         shutil.rmtree(final)
     os.replace(tmp, final)
+
+
+# -- locks ----------------------------------------------------------------------------------------
+
+
+def lock_path(path: str | os.PathLike) -> Path:
+    """The lock file beside an output: ``<output>.lock``."""
+    p = Path(path)
+    return p.with_name(p.name + ".lock")
+
+
+def _holder(lock: Path) -> str:
+    try:
+        h = json.loads(lock.read_text())
+        return f"pid {h['pid']} on {h['host']} (`{h['command']}`, since {h['since']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+@contextlib.contextmanager
+def output_lock(path: str | os.PathLike) -> Iterator[Path]:
+    """Hold an exclusive lock on ``path`` (an output or a run directory) while the block runs.
+
+    The lock is ``fcntl.flock`` on ``<path>.lock``, which names its holder. The kernel releases
+    a flock when its process dies, so a lock left by a killed run is taken over without asking.
+    A second run while the first is alive gets a :class:`UserError` naming the holder.
+    """
+    import fcntl
+
+    lock = lock_path(path)
+    _writable_parent(lock)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UserError(
+                f"{path} is being written by {_holder(lock)}: wait for that run to finish or "
+                "stop it (a lock left by a killed run is taken over automatically)"
+            ) from None
+        # The holder we waited on may have unlinked the file between our open and flock: then
+        # we hold a lock on a name nobody sees, so start again on the new file.
+        try:
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": " ".join(["bbem", *sys.argv[1:]])[:200],
+            "since": _dt.datetime.now().isoformat(timespec="seconds"),
+        }
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(info).encode())
+        yield lock
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        os.close(fd)

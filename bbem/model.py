@@ -21,12 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from bbem.atomic import atomic_output
+from bbem.atomic import check_output
 from bbem.checkpoint import (  # noqa: F401 - re-exported: bbem.model is where users look
     CHECKPOINT_FORMAT,
     EXPORT_FORMAT,
     load_checkpoint,
     save_checkpoint,
+    save_torch_file,
 )
 from bbem.errors import UserError
 
@@ -148,7 +149,18 @@ def _load_state(model: nn.Module, state: Mapping[str, Any], path: str | os.PathL
 def export_model(
     checkpoint: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False
 ) -> Path:
-    """Write a plain model (masks multiplied into the weights, no BB machinery) for use elsewhere."""
+    """Write a plain model (masks multiplied into the weights, no BB machinery) for use elsewhere.
+
+    With ``overwrite``, only an earlier export is replaced (never a training checkpoint).
+    """
+    check_output(out, overwrite, kind="torch", inputs=[checkpoint])
+    if Path(out).exists():
+        old = load_checkpoint(out)
+        if old.get("format") != EXPORT_FORMAT:
+            raise UserError(
+                f"output {out} is a training checkpoint, not an export: --overwrite replaces only "
+                "an earlier export; choose another path"
+            )
     model, info = load_inference_model(checkpoint)
     payload = {
         "format": EXPORT_FORMAT,
@@ -156,6 +168,4 @@ def export_model(
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "info": {k: v for k, v in info.items() if k != "model_config"},
     }
-    with atomic_output(out, overwrite=overwrite) as tmp:
-        torch.save(payload, tmp)
-    return Path(out)
+    return save_torch_file(out, payload, overwrite=overwrite, inputs=[checkpoint])

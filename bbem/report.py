@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from bbem.errors import UserError
 from bbem.metrics.evaluate import write_json
 from bbem.metrics.plot import plot_pr_curve, save_figure
 from bbem.rundir import RunDir, read_bb_table
@@ -179,12 +180,12 @@ def _best_checkpoint(rd: RunDir, notes: list[str]) -> dict[str, Any] | None:
     if not path.is_file():
         notes.append("checkpoints/best.pt is absent: no PR curve of the best checkpoint")
         return None
-    import torch
+    from bbem.checkpoint import load_checkpoint
 
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a corrupt or foreign file: report what is there, say why not this
-        notes.append(f"checkpoints/best.pt cannot be read ({type(e).__name__}): skipped")
+        ck = load_checkpoint(path)
+    except UserError as e:  # a corrupt or foreign file: report what is there, say why not this
+        notes.append(f"checkpoints/best.pt skipped: {e}")
         return None
     return ck if isinstance(ck, dict) else None
 
