@@ -82,6 +82,7 @@ def _evaluate(a: argparse.Namespace) -> None:
         match_distance_nm=a.match_distance,
         connectivity=a.connectivity,
         cremi=False if a.no_cremi else None,
+        overwrite=a.overwrite,
     )
 
 
@@ -100,7 +101,7 @@ def _synth(a: argparse.Namespace) -> None:
 def _report(a: argparse.Namespace) -> None:
     from bbem.report import report_from_cli
 
-    report_from_cli(a.run_dir)
+    report_from_cli(a.run_dir, overwrite=a.overwrite)
 
 
 def _asr(a: argparse.Namespace) -> None:
@@ -199,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--connectivity", type=int, choices=(6, 18, 26), help="default 26")
     s.add_argument("--no-cremi", action="store_true", help="skip the CREMI distances")
+    s.add_argument("--overwrite", action="store_true", help="replace existing --json / --plot")
 
     s = cmd("convert", _convert, "convert hdf5/tiff/zarr to zarr v3 (OME-Zarr), chunk by chunk")
     s.add_argument("input")
@@ -216,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = cmd("report", _report, "plots and a summary of a run directory")
     s.add_argument("run_dir")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing RUN_DIR/report")
 
     for name, fn, what in (
         ("asr", _asr, "speech recognition"),

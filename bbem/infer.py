@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from bbem.atomic import check_output, partial_path, remove
+from bbem.atomic import check_not_input, check_output, kind_for, output_lock, partial_path, remove
 from bbem.errors import UserError
 
 ZYX = tuple[int, int, int]
@@ -614,92 +614,103 @@ def predict_volume(
         raise UserError("--resume and --overwrite exclude each other: pick one")
     output = Path(output).absolute()
     work = _work_path(output)
-    if resume and output.exists() and not work.exists():
-        if progress:
-            print(f"bbem infer: {output} is already complete")
-        return output
-    if not overwrite and not resume:
-        check_output(output, overwrite=False)
-        if work.exists():
-            raise UserError(
-                f"an interrupted run left {work}: pass --resume to finish it or --overwrite "
-                "to start again"
-            )
-    if scheduler not in ("threads", "local") and not str(scheduler).startswith("tcp://"):
-        raise UserError(f"--scheduler must be threads, local or tcp://HOST:PORT, got {scheduler!r}")
-    if int(workers) < 1:
-        raise UserError(f"--workers must be at least 1, got {workers}")
-
-    # The model: a path is loaded here to check it early, and again (once) in each worker.
-    if isinstance(checkpoint_or_model, (str, os.PathLike)):
-        ckpt: str | None = str(Path(checkpoint_or_model).absolute())
-        model, info = load_inference_model(ckpt)
-        factor = model_factor(model, info["model_config"])
-        if roi_size is None:
-            roi_size = ((info.get("config") or {}).get("data") or {}).get("patch_size")
-    else:
-        ckpt, model, info = None, checkpoint_or_model, {}
-        factor = model_factor(model)
-    threshold = resolve_threshold(threshold, info)
-
-    input_s = str(input) if "://" in str(input) else str(Path(input).absolute())
-    vol = _open_volume(input_s, key)
-    if len(vol.shape) != 3:
-        raise UserError(
-            f"{input} has shape {tuple(vol.shape)}: bbem infer needs a 3D volume (z, y, x) "
-            "with one channel"
-        )
-    normalize_raw(np.zeros(1, dtype=vol.dtype))  # refuse e.g. int64 raw before any work
-    plan = make_plan(vol.shape, factor, block, halo, roi_size)
-    if _is_tiff(output) and math.prod(plan.shape) > MAX_TIFF_VOXELS:
-        raise UserError(
-            f"{math.prod(plan.shape)} voxels is too large for a tiff output: write a .zarr"
-        )
-
-    # Connect first: an unreachable scheduler fails in seconds and leaves nothing behind.
-    client, cluster = _connect(scheduler, workers) if scheduler != "threads" else (None, None)
-    try:
-        manifest = _manifest(ckpt, input_s, key, plan, tta, threshold)
+    # Never write over an input (or its checkpoint); hold the output for the whole run.
+    is_path = isinstance(checkpoint_or_model, (str, os.PathLike))
+    inputs = [input, checkpoint_or_model if is_path else None]
+    check_not_input(output, inputs)
+    with output_lock(output):
+        if resume and output.exists() and not work.exists():
+            if progress:
+                print(f"bbem infer: {output} is already complete")
+            return output
+        if _is_tiff(output) and threshold is not None:
+            check_output(_tiff_labels_path(output), overwrite or resume, "tiff", inputs)
         if overwrite:
-            remove(work)
-        work.parent.mkdir(parents=True, exist_ok=True)
-        prob_path, label_path, complete = _prepare_work(
-            work, output, manifest, vol, plan, threshold, resume=resume
-        )
-        job = _Job(
-            input=input_s,
-            key=key,
-            input_id=(input_s, key, _mtime(input_s)),
-            work=str(work),
-            prob_path=prob_path,
-            label_path=label_path,
-            plan=plan,
-            tta=tta,
-            threshold=None if threshold is None else float(threshold),
-        )
-        done = set(plan.blocks()) if complete else _done_blocks(work)
-        todo = [i for i in plan.blocks() if i not in done]
-        t0 = time.perf_counter()
-        with _Progress(plan, len(done), enabled=progress) as bar:
-            if client is None:
-                where = _run_threads(job, todo, ckpt, model, vol, workers, bar)
-            else:
-                where = _run_dask(job, todo, ckpt, model, client, bar)
-        seconds = time.perf_counter() - t0
-        _finish(work, output, plan, label_path)
-    finally:
-        if client is not None:
-            client.close()
-        if cluster is not None:
-            cluster.close()
-    if progress:
-        voxels = sum(_box_size(plan.block_box(i)) for i in todo)
-        print(
-            f"bbem infer: wrote {output}: {plan.n_blocks} blocks of {_fmt(plan.block)} "
-            f"({len(done)} already done), {voxels} voxels predicted in {seconds:.1f} s "
-            f"({voxels / max(seconds, 1e-9):,.0f} voxels/s) {where}"
-        )
-    return output
+            check_output(output, overwrite=True, kind=kind_for(output), inputs=inputs)
+        elif not resume:
+            check_output(output, overwrite=False)
+            if work.exists():
+                raise UserError(
+                    f"an interrupted run left {work}: pass --resume to finish it or --overwrite "
+                    "to start again"
+                )
+        if scheduler not in ("threads", "local") and not str(scheduler).startswith("tcp://"):
+            raise UserError(
+                f"--scheduler must be threads, local or tcp://HOST:PORT, got {scheduler!r}"
+            )
+        if int(workers) < 1:
+            raise UserError(f"--workers must be at least 1, got {workers}")
+
+        # The model: a path is loaded here to check it early, and again (once) in each worker.
+        if isinstance(checkpoint_or_model, (str, os.PathLike)):
+            ckpt: str | None = str(Path(checkpoint_or_model).absolute())
+            model, info = load_inference_model(ckpt)
+            factor = model_factor(model, info["model_config"])
+            if roi_size is None:
+                roi_size = ((info.get("config") or {}).get("data") or {}).get("patch_size")
+        else:
+            ckpt, model, info = None, checkpoint_or_model, {}
+            factor = model_factor(model)
+        threshold = resolve_threshold(threshold, info)
+
+        input_s = str(input) if "://" in str(input) else str(Path(input).absolute())
+        vol = _open_volume(input_s, key)
+        if len(vol.shape) != 3:
+            raise UserError(
+                f"{input} has shape {tuple(vol.shape)}: bbem infer needs a 3D volume (z, y, x) "
+                "with one channel"
+            )
+        normalize_raw(np.zeros(1, dtype=vol.dtype))  # refuse e.g. int64 raw before any work
+        plan = make_plan(vol.shape, factor, block, halo, roi_size)
+        if _is_tiff(output) and math.prod(plan.shape) > MAX_TIFF_VOXELS:
+            raise UserError(
+                f"{math.prod(plan.shape)} voxels is too large for a tiff output: write a .zarr"
+            )
+
+        # Connect first: an unreachable scheduler fails in seconds and leaves nothing behind.
+        client, cluster = _connect(scheduler, workers) if scheduler != "threads" else (None, None)
+        try:
+            manifest = _manifest(ckpt, input_s, key, plan, tta, threshold)
+            if overwrite:
+                remove(work)
+            work.parent.mkdir(parents=True, exist_ok=True)
+            prob_path, label_path, complete = _prepare_work(
+                work, output, manifest, vol, plan, threshold, resume=resume
+            )
+            job = _Job(
+                input=input_s,
+                key=key,
+                input_id=(input_s, key, _mtime(input_s)),
+                work=str(work),
+                prob_path=prob_path,
+                label_path=label_path,
+                plan=plan,
+                tta=tta,
+                threshold=None if threshold is None else float(threshold),
+            )
+            done = set(plan.blocks()) if complete else _done_blocks(work)
+            todo = [i for i in plan.blocks() if i not in done]
+            t0 = time.perf_counter()
+            with _Progress(plan, len(done), enabled=progress) as bar:
+                if client is None:
+                    where = _run_threads(job, todo, ckpt, model, vol, workers, bar)
+                else:
+                    where = _run_dask(job, todo, ckpt, model, client, bar)
+            seconds = time.perf_counter() - t0
+            _finish(work, output, plan, label_path)
+        finally:
+            if client is not None:
+                client.close()
+            if cluster is not None:
+                cluster.close()
+        if progress:
+            voxels = sum(_box_size(plan.block_box(i)) for i in todo)
+            print(
+                f"bbem infer: wrote {output}: {plan.n_blocks} blocks of {_fmt(plan.block)} "
+                f"({len(done)} already done), {voxels} voxels predicted in {seconds:.1f} s "
+                f"({voxels / max(seconds, 1e-9):,.0f} voxels/s) {where}"
+            )
+        return output
 
 
 def _box_size(box: Sequence[slice]) -> int:

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from bbem.atomic import describe
 from bbem.errors import UserError
 from bbem.metrics.evaluate import write_json
 from bbem.metrics.plot import plot_pr_curve, save_figure
@@ -37,7 +38,7 @@ _EPS = 1e-4
 
 def make_report(run_dir: str | os.PathLike) -> dict[str, Any]:
     """Write ``RUN_DIR/report/`` (PNGs and ``summary.json``); returns the summary."""
-    rd = RunDir.open(run_dir)
+    rd = RunDir.open(run_dir, lock=False)
     out = rd.path / "report"
     out.mkdir(exist_ok=True)
     notes: list[str] = []
@@ -88,10 +89,14 @@ def make_report(run_dir: str | os.PathLike) -> dict[str, Any]:
     return summary
 
 
-def report_from_cli(run_dir: str) -> dict[str, Any]:
-    """``bbem report RUN_DIR``: make the report and say where it went."""
-    summary = make_report(run_dir)
+def report_from_cli(run_dir: str, overwrite: bool = False) -> dict[str, Any]:
+    """``bbem report RUN_DIR [--overwrite]``: make the report and say where it went."""
     out = Path(run_dir) / "report"
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is {describe(out)}, not a report folder: move it away")
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} exists: pass --overwrite to make the report again")
+    summary = make_report(run_dir)
     print_summary(summary)
     print(
         f"wrote {out}/: {', '.join(Path(p).name for p in summary['plots'].values())}, summary.json"

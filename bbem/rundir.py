@@ -15,10 +15,12 @@ duplicate rows. Generic on purpose: it knows nothing of EM, only of ``bbem.bb`` 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import math
 import os
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from bbem.atomic import atomic_output
+from bbem.atomic import atomic_output, output_lock, remove
 from bbem.errors import UserError
 
 BB_COLUMNS = ("step", "layer", "mode", "unit", "on_rate", "degree", "full_fan", "traffic")
@@ -35,35 +37,84 @@ BB_SUMMARY_KEYS = ("param_density", "on_rate_mean", "entropy_mean", "balance_r2"
 
 
 class RunDir:
-    """A run directory; use :meth:`create` for a new run and :meth:`open` to resume one."""
+    """A run directory; :meth:`create` for a new run, :meth:`open` to resume one.
 
-    def __init__(self, path: str | os.PathLike):
+    Use it as a context manager: while open it holds the run's lock (a second job into the
+    same directory is refused), and a run that fails before its first checkpoint removes what
+    it wrote, so the corrected command can use the same ``--run-dir``.
+    """
+
+    def __init__(self, path: str | os.PathLike, lock: bool = True):
         self.path = Path(path)
         self.metrics_csv = self.path / "metrics.csv"
         self.bb_csv = self.path / "bb.csv"
         self.checkpoints = self.path / "checkpoints"
-        self.log = _file_logger(self.path / "train.log")
+        self._stack = contextlib.ExitStack()
+        self._created: bool | None = None  # True: made here; False: an empty folder was there
+        self._log: logging.Logger | None = None
+        if lock:
+            self._stack.enter_context(output_lock(self.path))
+
+    @property
+    def log(self) -> logging.Logger:
+        """The run's ``train.log``, opened on first use and closed with the run."""
+        if self._log is None:
+            self._log = _file_logger(self.path / "train.log")
+            self._stack.callback(_close_logger, self._log)
+        return self._log
 
     @classmethod
     def create(cls, path: str | os.PathLike, config: Mapping[str, Any]) -> RunDir:
         p = Path(path)
+        if p.exists() and not p.is_dir():
+            raise UserError(f"run directory {p} is a file: choose another --run-dir")
         if p.exists() and any(p.iterdir()):
             raise UserError(
                 f"run directory {p} exists and is not empty: choose another --run-dir or resume it with --resume {p}"
             )
-        (p / "checkpoints").mkdir(parents=True, exist_ok=True)
-        with atomic_output(p / "config.yaml", overwrite=True) as tmp:
-            tmp.write_text(yaml.safe_dump(_plain(config), sort_keys=False))
-        return cls(p)
+        existed = p.exists()
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create the run directory {p}: {e.strerror}") from None
+        rd = cls(p)
+        rd._created = not existed
+        try:
+            (p / "checkpoints").mkdir(exist_ok=True)
+            with atomic_output(p / "config.yaml", overwrite=True) as tmp:
+                tmp.write_text(yaml.safe_dump(_plain(config), sort_keys=False))
+        except BaseException:
+            rd.__exit__(*sys.exc_info())
+            raise
+        return rd
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> RunDir:
+    def open(cls, path: str | os.PathLike, lock: bool = True) -> RunDir:
+        """An earlier run: to resume it (locked), or ``lock=False`` only to read it."""
         p = Path(path)
         if not (p / "config.yaml").is_file():
             raise UserError(
                 f"{p} is not a run directory (no config.yaml): pass the --run-dir of an earlier run"
             )
-        return cls(p)
+        return cls(p, lock=lock)
+
+    def close(self) -> None:
+        """Release the lock and the log file."""
+        self._stack.close()
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.close()
+        started = self.metrics_csv.exists() or any(self.checkpoints.glob("*.pt"))
+        if exc_type is not None and self._created is not None and not started:
+            # a failed start: nothing worth keeping, and leaving config.yaml would block a retry
+            if self._created:
+                remove(self.path)
+            else:
+                for child in self.path.iterdir():
+                    remove(child)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -207,6 +258,12 @@ def _plain(obj: Any) -> Any:
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
     return obj
+
+
+def _close_logger(logger: logging.Logger) -> None:
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+        h.close()
 
 
 def _file_logger(path: Path) -> logging.Logger:

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
-from bbem.atomic import atomic_output, check_output
+from bbem.atomic import atomic_output, check_not_input, check_output, output_lock
 from bbem.errors import UserError
 
 DEFAULT_SHAPE = (32, 256, 256)
@@ -584,12 +584,16 @@ def synth_from_cli(
 
     check_output(output, overwrite)
     if preview is not None:
-        check_output(preview, overwrite)
         if Path(preview).suffix.lower() != ".png":
             raise UserError(f"--preview must name a .png file, got {preview}")
-    with Progress(
-        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=True
-    ) as bar:
+        check_output(preview, overwrite, kind="png")
+        check_not_input(preview, [output])  # the volume's rename would take the preview along
+    with (
+        output_lock(output),
+        Progress(
+            SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=True
+        ) as bar,
+    ):
         task = bar.add_task(f"synthesising {'x'.join(map(str, shape))} (seed {seed})", total=None)
         vol = make_synthetic(shape, seed)
         bar.update(task, description=f"writing {output}")

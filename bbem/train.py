@@ -166,132 +166,135 @@ def train(
     else:
         path = run_dir or Path("runs") / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
         rd = RunDir.create(path, cfg.to_dict())
-    device = pick_device(cfg.train.device)
-    torch.set_num_threads(cfg.train.threads or max(1, os.cpu_count() or 1))
-    _seed_all(cfg.train.seed)
+    with rd:
+        device = pick_device(cfg.train.device)
+        torch.set_num_threads(cfg.train.threads or max(1, os.cpu_count() or 1))
+        _seed_all(cfg.train.seed)
 
-    model_cfg = cfg.model.model_dump()
-    model = build_model(model_cfg).to(device)
-    bb = attach_from_config(model, cfg.bb_kwargs())
-    opt_cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[
-        cfg.optim.name
-    ]
-    opt = opt_cls(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    if bb is not None:
-        bb.set_optimizer(opt)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    batches = _Batches(cfg)
-    pos_weight = cfg.loss.pos_weight
-    if pos_weight == "auto":
-        pos_weight = auto_pos_weight(batches.dataset.sources)
-    loss_fn = CleftLoss(cfg.loss.bce_weight, cfg.loss.dice_weight, float(pos_weight)).to(device)
-    use_amp = device.type == "cuda" and cfg.train.amp in ("auto", True)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+        model_cfg = cfg.model.model_dump()
+        model = build_model(model_cfg).to(device)
+        bb = attach_from_config(model, cfg.bb_kwargs())
+        opt_cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[
+            cfg.optim.name
+        ]
+        opt = opt_cls(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        if bb is not None:
+            bb.set_optimizer(opt)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+        batches = _Batches(cfg)
+        pos_weight = cfg.loss.pos_weight
+        if pos_weight == "auto":
+            pos_weight = auto_pos_weight(batches.dataset.sources)
+        loss_fn = CleftLoss(cfg.loss.bce_weight, cfg.loss.dice_weight, float(pos_weight)).to(device)
+        use_amp = device.type == "cuda" and cfg.train.amp in ("auto", True)
+        scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
-    step, best, elapsed0 = 0, -1.0, 0.0
-    pending: list[float] = []
-    if resume is not None:
-        last = rd.checkpoint_path("last")
-        if last.is_file():
-            ck = load_checkpoint(last)
-            model.load_state_dict(ck["model"])
-            if bb is not None and ck.get("bb") is not None:
-                bb.load_state_dict(ck["bb"])
-            opt.load_state_dict(ck["optimizer"])
-            sched.load_state_dict(ck["scheduler"])
-            _set_rng_state(ck["rng"])
-            step, best = int(ck["step"]), float(ck.get("best", -1.0))
-            elapsed0 = float(ck.get("elapsed_s", 0.0))
-            pending = list(ck.get("pending_losses", []))
-        rd.truncate_after(step)
-        rd.log.info("resumed at step %d", step)
-        if step >= cfg.train.steps:
-            raise UserError(f"run {rd.path} already finished ({step} steps): nothing to resume")
+        step, best, elapsed0 = 0, -1.0, 0.0
+        pending: list[float] = []
+        if resume is not None:
+            last = rd.checkpoint_path("last")
+            if last.is_file():
+                ck = load_checkpoint(last)
+                model.load_state_dict(ck["model"])
+                if bb is not None and ck.get("bb") is not None:
+                    bb.load_state_dict(ck["bb"])
+                opt.load_state_dict(ck["optimizer"])
+                sched.load_state_dict(ck["scheduler"])
+                _set_rng_state(ck["rng"])
+                step, best = int(ck["step"]), float(ck.get("best", -1.0))
+                elapsed0 = float(ck.get("elapsed_s", 0.0))
+                pending = list(ck.get("pending_losses", []))
+            rd.truncate_after(step)
+            rd.log.info("resumed at step %d", step)
+            if step >= cfg.train.steps:
+                raise UserError(f"run {rd.path} already finished ({step} steps): nothing to resume")
 
-    val_volumes = load_val_volumes(cfg)
-    rd.log.info("training %s on %s: %d steps", cfg.name, device, cfg.train.steps)
-    t0 = time.perf_counter() - elapsed0
-    losses: list[float] = pending
-    row: dict[str, Any] = {}
-    last_val: dict[str, Any] = {}
+        val_volumes = load_val_volumes(cfg)
+        rd.log.info("training %s on %s: %d steps", cfg.name, device, cfg.train.steps)
+        t0 = time.perf_counter() - elapsed0
+        losses: list[float] = pending
+        row: dict[str, Any] = {}
+        last_val: dict[str, Any] = {}
 
-    def checkpoint(name: str, metrics: dict[str, Any]) -> None:
-        save_checkpoint(
-            rd.checkpoint_path(name),
-            {
-                "step": step,
-                "config": cfg.to_dict(),
-                "model": model.state_dict(),
-                "bb": bb.state_dict() if bb is not None else None,
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "rng": _rng_state(),
-                "metrics": metrics,
-                "best": best,
-                "elapsed_s": time.perf_counter() - t0,
-                # losses since the last evaluation, so a resumed run averages the same steps
-                "pending_losses": list(losses),
-            },
-        )
-
-    bar = _Progress(cfg.train.steps, step, enabled=progress)
-    with bar:
-        batches.restart(step)
-        model.train()
-        while step < cfg.train.steps:
-            batch = batches.next()
-            x, y = batch["image"].to(device), batch["label"].to(device)
-            opt.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, enabled=use_amp):
-                loss = loss_fn(model(x), y)
-            scaler.scale(loss).backward()
-            if cfg.optim.grad_clip:
-                scaler.unscale_(opt)
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            if bb is not None:
-                bb.step()
-            step += 1
-            if not math.isfinite(loss.item()):
-                raise UserError(
-                    f"training diverged at step {step} (loss {loss.item()}): lower optim.lr"
-                )
-            losses.append(loss.item())
-            density = bb.density() if bb is not None else 1.0
-            bar.update(step, loss=losses[-1], density=density, pr_auc=last_val.get("pr_auc"))
-
-            if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
-                last_val = validate(model, val_volumes, cfg.data.patch_size, model_cfg)
-                row = {
+        def checkpoint(name: str, metrics: dict[str, Any]) -> None:
+            save_checkpoint(
+                rd.checkpoint_path(name),
+                {
                     "step": step,
-                    "time_s": round(time.perf_counter() - t0, 2),
-                    "train_loss": round(float(np.mean(losses)), 6),
-                    "density": round(density, 6),
-                    "lr": opt.param_groups[0]["lr"],
-                    **{f"val_{k}": round(float(last_val[k]), 6) for k in VAL_COLUMNS},
-                }
+                    "config": cfg.to_dict(),
+                    "model": model.state_dict(),
+                    "bb": bb.state_dict() if bb is not None else None,
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "rng": _rng_state(),
+                    "metrics": metrics,
+                    "best": best,
+                    "elapsed_s": time.perf_counter() - t0,
+                    # losses since the last evaluation, so a resumed run averages the same steps
+                    "pending_losses": list(losses),
+                },
+            )
+
+        bar = _Progress(cfg.train.steps, step, enabled=progress)
+        with bar:
+            batches.restart(step)
+            model.train()
+            while step < cfg.train.steps:
+                batch = batches.next()
+                x, y = batch["image"].to(device), batch["label"].to(device)
+                opt.zero_grad(set_to_none=True)
+                with torch.autocast(device.type, enabled=use_amp):
+                    loss = loss_fn(model(x), y)
+                scaler.scale(loss).backward()
+                if cfg.optim.grad_clip:
+                    scaler.unscale_(opt)
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                scaler.step(opt)
+                scaler.update()
+                sched.step()
                 if bb is not None:
-                    row.update(bb_summary_columns(bb.summary()))
-                losses = []
-                rd.append_metrics(row)
-                if bb is not None:
-                    rd.append_bb(step, bb)
-                rd.log.info("step %d %s", step, {k: v for k, v in row.items() if k != "step"})
-                if last_val["pr_auc"] > best:
-                    best = last_val["pr_auc"]
-                    checkpoint("best", last_val)
-                bar.update(step, loss=row["train_loss"], density=density, pr_auc=last_val["pr_auc"])
-            if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
-                checkpoint("last", last_val)
-                # the patch stream restarts here, so a resume from this checkpoint sees the same patches
-                batches.restart(step)
-    row = dict(row)
-    row["run_dir"] = str(rd.path)
-    row["best_pr_auc"] = best
-    rd.log.info("finished: %s", row)
-    return row
+                    bb.step()
+                step += 1
+                if not math.isfinite(loss.item()):
+                    raise UserError(
+                        f"training diverged at step {step} (loss {loss.item()}): lower optim.lr"
+                    )
+                losses.append(loss.item())
+                density = bb.density() if bb is not None else 1.0
+                bar.update(step, loss=losses[-1], density=density, pr_auc=last_val.get("pr_auc"))
+
+                if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+                    last_val = validate(model, val_volumes, cfg.data.patch_size, model_cfg)
+                    row = {
+                        "step": step,
+                        "time_s": round(time.perf_counter() - t0, 2),
+                        "train_loss": round(float(np.mean(losses)), 6),
+                        "density": round(density, 6),
+                        "lr": opt.param_groups[0]["lr"],
+                        **{f"val_{k}": round(float(last_val[k]), 6) for k in VAL_COLUMNS},
+                    }
+                    if bb is not None:
+                        row.update(bb_summary_columns(bb.summary()))
+                    losses = []
+                    rd.append_metrics(row)
+                    if bb is not None:
+                        rd.append_bb(step, bb)
+                    rd.log.info("step %d %s", step, {k: v for k, v in row.items() if k != "step"})
+                    if last_val["pr_auc"] > best:
+                        best = last_val["pr_auc"]
+                        checkpoint("best", last_val)
+                    bar.update(
+                        step, loss=row["train_loss"], density=density, pr_auc=last_val["pr_auc"]
+                    )
+                if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+                    checkpoint("last", last_val)
+                    # the patch stream restarts here, so a resume from this checkpoint sees the same patches
+                    batches.restart(step)
+        row = dict(row)
+        row["run_dir"] = str(rd.path)
+        row["best_pr_auc"] = best
+        rd.log.info("finished: %s", row)
+        return row
 
 
 class _Progress:

@@ -236,7 +236,7 @@ def run_from_cli(
         if config is not None or overrides:
             raise UserError("--resume continues a run with its saved config: drop CONFIG and --set")
         rd = Path(resume)
-        cfg = RunDir.open(rd).config
+        cfg = RunDir.open(rd, lock=False).config
     elif config is None:
         raise UserError(f"bbem {task} needs a CONFIG (e.g. {example}) or --resume RUN_DIR")
     else:
@@ -277,123 +277,126 @@ def train(
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("train.device is cuda but no GPU is visible: set train.device=cpu")
     rd = RunDir.open(run_dir) if resume else RunDir.create(run_dir, cfg)
-    rd.log.info("task %s, %d steps, bb %s", task.name, steps, cfg["bb"])
-    model = task.model.to(device)
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=float(ocfg["lr"]), weight_decay=float(ocfg["weight_decay"])
-    )
-    # warm up the learning rate, then cosine: Transformers diverge without the first part
-    warm = int(ocfg.get("warmup_steps", 0))
+    with rd:
+        rd.log.info("task %s, %d steps, bb %s", task.name, steps, cfg["bb"])
+        model = task.model.to(device)
+        opt = torch.optim.AdamW(
+            model.parameters(), lr=float(ocfg["lr"]), weight_decay=float(ocfg["weight_decay"])
+        )
+        # warm up the learning rate, then cosine: Transformers diverge without the first part
+        warm = int(ocfg.get("warmup_steps", 0))
 
-    def lr_at(s: int) -> float:
-        if s < warm:
-            return (s + 1) / warm
-        t = (s - warm) / max(1, steps - warm)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+        def lr_at(s: int) -> float:
+            if s < warm:
+                return (s + 1) / warm
+            t = (s - warm) / max(1, steps - warm)
+            return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    bb = attach_from_config(model, cfg["bb"], task.bb_layers, task.bb_modes, opt)
-    clip = float(ocfg.get("grad_clip", 0) or 0)
-    sign = -1.0 if task.best_mode == "max" else 1.0
-    best_val, start, elapsed0 = math.inf, 0, 0.0
-    losses: list[float] = []
-    row: dict[str, Any] = {}
-    if resume:
-        ck = _load_last(rd)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        if bb is not None and ck.get("bb") is not None:
-            bb.load_state_dict(ck["bb"])
-        start, best_val = int(ck["step"]), float(ck["best_val"])
-        losses, row = list(ck["pending_losses"]), dict(ck["metrics"])
-        elapsed0 = float(ck["elapsed_s"])
-        rd.truncate_after(start)
-        rd.log.info("resumed at step %d", start)
-        if start >= steps:
-            raise UserError(f"run {rd.path} already finished ({start} steps): nothing to resume")
-    t0 = time.perf_counter() - elapsed0
-
-    def restart(step: int) -> Iterator[Any]:
-        s = stream_seed(int(tcfg["seed"]), step)
-        torch.manual_seed(s)
-        return task.batches(s)
-
-    def payload(step: int, metrics: Mapping[str, float]) -> dict[str, Any]:
-        # The EM checkpoints' payload (bbem.checkpoint adds the format tag), plus ``task``.
-        return {
-            "task": task.name,
-            "step": step,
-            "config": dict(cfg),
-            "model": model.state_dict(),
-            "bb": bb.state_dict() if bb is not None else None,
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "metrics": dict(metrics),
-            "best_val": best_val,
-            "pending_losses": list(losses),
-            "elapsed_s": time.perf_counter() - t0,
-        }
-
-    columns = (
-        TextColumn(f"[bold]{task.name}[/] {cfg['bb'].get('method', 'bb')}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, disable=bool(tcfg.get("quiet", False))) as progress:
-        bar = progress.add_task("train", total=steps, completed=start, info="")
-        batches = restart(start)
-        for step in range(start + 1, steps + 1):
-            model.train()
-            batch = next(batches)
-            loss = task.loss(model, batch)
-            if not torch.isfinite(loss):
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+        bb = attach_from_config(model, cfg["bb"], task.bb_layers, task.bb_modes, opt)
+        clip = float(ocfg.get("grad_clip", 0) or 0)
+        sign = -1.0 if task.best_mode == "max" else 1.0
+        best_val, start, elapsed0 = math.inf, 0, 0.0
+        losses: list[float] = []
+        row: dict[str, Any] = {}
+        if resume:
+            ck = _load_last(rd)
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
+            sched.load_state_dict(ck["scheduler"])
+            if bb is not None and ck.get("bb") is not None:
+                bb.load_state_dict(ck["bb"])
+            start, best_val = int(ck["step"]), float(ck["best_val"])
+            losses, row = list(ck["pending_losses"]), dict(ck["metrics"])
+            elapsed0 = float(ck["elapsed_s"])
+            rd.truncate_after(start)
+            rd.log.info("resumed at step %d", start)
+            if start >= steps:
                 raise UserError(
-                    f"{task.name}: loss became {loss.item()} at step {step}: lower optim.lr"
+                    f"run {rd.path} already finished ({start} steps): nothing to resume"
                 )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), clip)
-            opt.step()
-            sched.step()
-            if bb is not None:
-                bb.step()
-            losses.append(float(loss.item()))
-            if step % eval_every == 0 or step == steps:
-                model.eval()
-                with torch.no_grad():
-                    val = task.evaluate(model)
-                    if step == steps and task.final is not None:
-                        val.update(task.final(model))
-                density = float(bb.summary()["density"]) if bb is not None else 1.0
-                row = {
-                    "step": step,
-                    "time_s": round(time.perf_counter() - t0, 2),
-                    "train_loss": round(float(np.mean(losses)), 5),
-                    "density": round(density, 5),
-                    "lr": opt.param_groups[0]["lr"],
-                    **{k: round(float(v), 5) for k, v in val.items()},
-                }
-                if bb is not None:  # the same BB columns as the EM training
-                    row |= bb_summary_columns(bb.summary())
-                losses = []
-                rd.append_metrics(row)
-                rd.append_bb(step, bb)
-                rd.log.info("step %d %s", step, row)
-                score = sign * float(val[task.best])
-                if score < best_val:
-                    best_val = score
-                    save_checkpoint(rd.checkpoint_path("best"), payload(step, row))
-                progress.update(bar, info=f"{task.best} {val[task.best]:.3f}")
-            if step % ckpt_every == 0 or step == steps:
-                save_checkpoint(rd.checkpoint_path("last"), payload(step, row))
-                batches = restart(step)
-            progress.update(bar, advance=1)
-    return row
+        t0 = time.perf_counter() - elapsed0
+
+        def restart(step: int) -> Iterator[Any]:
+            s = stream_seed(int(tcfg["seed"]), step)
+            torch.manual_seed(s)
+            return task.batches(s)
+
+        def payload(step: int, metrics: Mapping[str, float]) -> dict[str, Any]:
+            # The EM checkpoints' payload (bbem.checkpoint adds the format tag), plus ``task``.
+            return {
+                "task": task.name,
+                "step": step,
+                "config": dict(cfg),
+                "model": model.state_dict(),
+                "bb": bb.state_dict() if bb is not None else None,
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "metrics": dict(metrics),
+                "best_val": best_val,
+                "pending_losses": list(losses),
+                "elapsed_s": time.perf_counter() - t0,
+            }
+
+        columns = (
+            TextColumn(f"[bold]{task.name}[/] {cfg['bb'].get('method', 'bb')}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, disable=bool(tcfg.get("quiet", False))) as progress:
+            bar = progress.add_task("train", total=steps, completed=start, info="")
+            batches = restart(start)
+            for step in range(start + 1, steps + 1):
+                model.train()
+                batch = next(batches)
+                loss = task.loss(model, batch)
+                if not torch.isfinite(loss):
+                    raise UserError(
+                        f"{task.name}: loss became {loss.item()} at step {step}: lower optim.lr"
+                    )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if clip > 0:
+                    nn.utils.clip_grad_norm_(model.parameters(), clip)
+                opt.step()
+                sched.step()
+                if bb is not None:
+                    bb.step()
+                losses.append(float(loss.item()))
+                if step % eval_every == 0 or step == steps:
+                    model.eval()
+                    with torch.no_grad():
+                        val = task.evaluate(model)
+                        if step == steps and task.final is not None:
+                            val.update(task.final(model))
+                    density = float(bb.summary()["density"]) if bb is not None else 1.0
+                    row = {
+                        "step": step,
+                        "time_s": round(time.perf_counter() - t0, 2),
+                        "train_loss": round(float(np.mean(losses)), 5),
+                        "density": round(density, 5),
+                        "lr": opt.param_groups[0]["lr"],
+                        **{k: round(float(v), 5) for k, v in val.items()},
+                    }
+                    if bb is not None:  # the same BB columns as the EM training
+                        row |= bb_summary_columns(bb.summary())
+                    losses = []
+                    rd.append_metrics(row)
+                    rd.append_bb(step, bb)
+                    rd.log.info("step %d %s", step, row)
+                    score = sign * float(val[task.best])
+                    if score < best_val:
+                        best_val = score
+                        save_checkpoint(rd.checkpoint_path("best"), payload(step, row))
+                    progress.update(bar, info=f"{task.best} {val[task.best]:.3f}")
+                if step % ckpt_every == 0 or step == steps:
+                    save_checkpoint(rd.checkpoint_path("last"), payload(step, row))
+                    batches = restart(step)
+                progress.update(bar, advance=1)
+        return row
 
 
 def _load_last(rd: RunDir) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from bbem.atomic import atomic_output
+from bbem.atomic import atomic_output, check_output
 from bbem.errors import UserError
 from bbem.metrics.cremi import CremiDistances
 from bbem.metrics.objects import Objects, Overlaps, object_metrics
@@ -203,14 +203,24 @@ def evaluate_from_cli(
     plot_path: str | None = None,
     margin: Sequence[int] | None = None,
     threshold: float = 0.5,
+    overwrite: bool = False,
     **options: Any,
 ) -> dict[str, Any]:
     """``bbem evaluate``: open the volumes, evaluate, print a table, write JSON and PNG.
 
     ``options`` go to :func:`evaluate` (``min_size``, ``voxel_size``, ``match_distance_nm``,
-    ``connectivity``, ``cremi``); ``None`` values keep its defaults.
+    ``connectivity``, ``cremi``); ``None`` values keep its defaults. The JSON and PNG outputs
+    are checked before any work: an existing one needs ``overwrite`` and must be a file of the
+    same kind, and neither may be an input.
     """
     from bbem.volumes import open_volume
+
+    inputs = [prediction, truth, mask]
+    outs = [(p, k) for p, k in ((json_path, "json"), (plot_path, "png")) if p]
+    for path, kind in outs:
+        check_output(path, overwrite, kind=kind, inputs=inputs)
+    if json_path and plot_path and Path(json_path).resolve() == Path(plot_path).resolve():
+        raise UserError("--json and --plot name the same file: give each its own path")
 
     pred_v = open_volume(prediction)
     truth_v = open_volume(truth)
@@ -237,7 +247,7 @@ def evaluate_from_cli(
 
 def write_json(result: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write a result as strict JSON (no NaN or Infinity: those become null), atomically."""
-    with atomic_output(path, overwrite=True) as tmp:
+    with atomic_output(path, overwrite=True, kind="json") as tmp:
         tmp.write_text(json.dumps(_json_safe(result), indent=2, allow_nan=False) + "\n")
     return Path(path)
 

@@ -20,7 +20,7 @@ from bbem.atomic import atomic_output
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 120) -> Path:
     """Write ``fig`` as PNG atomically (temporary name, then rename)."""
     FigureCanvasAgg(fig)
-    with atomic_output(path, overwrite=True) as tmp:
+    with atomic_output(path, overwrite=True, kind="png") as tmp:
         fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
     return Path(path)
 

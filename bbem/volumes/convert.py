@@ -26,7 +26,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from bbem.atomic import atomic_output, check_output
+from bbem.atomic import atomic_output, check_output, output_lock
 from bbem.errors import UserError
 from bbem.volumes.base import Volume, check_finite, check_same_shape
 from bbem.volumes.hdf5_io import list_datasets
@@ -130,11 +130,22 @@ def convert(
     with background 0. Returns the output volumes, opened, by key.
     """
     out = Path(output)
+    check_output(out, overwrite, inputs=[input])
+    with output_lock(out):
+        return _convert(input, out, key, chunks, overwrite, max_memory, progress)
+
+
+def _convert(
+    input: str | os.PathLike,
+    out: Path,
+    key: str | None,
+    chunks: Sequence[int] | None,
+    overwrite: bool,
+    max_memory: int,
+    progress: bool,
+) -> dict[str, Volume]:
     sources = _source_volumes(input, key)
     try:
-        check_output(out, overwrite)
-        if out.resolve() == split_uri(input)[0].resolve():
-            raise UserError(f"output {out} is the input: choose another path")
         to_tiff = out.suffix.lower() in TIFF_SUFFIXES
         if to_tiff and len(sources) > 1:
             raise UserError(
@@ -153,7 +164,7 @@ def convert(
             plans[k] = (c, blk, list(iter_blocks(vol.shape, blk)))
         total = 2 * sum(len(p[2]) for p in plans.values())
         with (
-            atomic_output(out, overwrite) as tmp,
+            atomic_output(out, overwrite, inputs=[input]) as tmp,
             Progress(
                 TextColumn("[bold]{task.description}"),
                 BarColumn(),
