@@ -24,3 +24,37 @@ def shared_data() -> Path:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+def run_bbem(*args: str, cwd: str | os.PathLike | None = None, timeout: float = 300):
+    """Run the ``bbem`` command as a user would (a subprocess); the CompletedProcess."""
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "bbem", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+    )
+
+
+def assert_user_error(r, command: str, match: str = "") -> str:
+    """Exit 2, one line on stderr naming the command, no traceback; returns the line."""
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr, r.stderr
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"bbem {command}: error: "), lines[0]
+    assert match.lower() in lines[0].lower(), (match, lines[0])
+    return lines[0]
+
+
+def tree_digest(path: str | os.PathLike) -> dict[str, str]:
+    """sha256 of every file under ``path`` (or of the file itself), by relative name."""
+    import hashlib
+
+    p = Path(path)
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    return {str(f.relative_to(p)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
