@@ -108,17 +108,26 @@ class VolumeSpec(_Section):
     path: str
     raw_key: str = "volumes/raw"
     label_key: str = "volumes/labels/clefts"
-    #: Sections [start, stop) used (a split by sections, e.g. [0, 14] to train, [14, 20] to
-    #: validate); None means all.
+    #: The box used, as [start, stop) voxel ranges per axis; None means the whole axis. Split
+    #: train and validation by synapse, not by section: a synapse spans several sections, so a
+    #: z split puts the same synapses on both sides (``y_range: [0, 640]`` to train and
+    #: ``[640, 1024]`` to validate on the VNC crop).
     z_range: tuple[int, int] | None = None
+    y_range: tuple[int, int] | None = None
+    x_range: tuple[int, int] | None = None
     synth: SynthSpec | None = None
 
-    @field_validator("z_range")
+    @field_validator("z_range", "y_range", "x_range")
     @classmethod
-    def _z_range(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+    def _range(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
         if v is not None and not 0 <= v[0] < v[1]:
             raise ValueError("must be [start, stop] with 0 <= start < stop")
         return v
+
+    @property
+    def box(self) -> tuple[tuple[int, int] | None, ...]:
+        """``(z_range, y_range, x_range)``."""
+        return (self.z_range, self.y_range, self.x_range)
 
 
 class DataConfig(_Section):

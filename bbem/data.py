@@ -103,6 +103,55 @@ class PatchSource:
         return raw, lab
 
 
+class YXCrop:
+    """A lazy ``[Z, Y, X]`` view of ``array`` inside ``y_range`` and ``x_range`` ([start, stop)).
+
+    Reading a box reads only that box of ``array`` (a lazy Volume stays lazy); it pickles as
+    the array it wraps, so loader workers reopen it like a Volume.
+    """
+
+    def __init__(
+        self,
+        array: Any,
+        y_range: Sequence[int] | None,
+        x_range: Sequence[int] | None,
+        name: str = "volume",
+    ):
+        z, y, x = (int(n) for n in array.shape)
+        (y0, y1), (x0, x1) = y_range or (0, y), x_range or (0, x)
+        for axis, stop, size in (("y", y1, y), ("x", x1, x)):
+            if stop > size:
+                raise UserError(
+                    f"{name}: {axis}_range stop {stop} is outside its {size} voxels along "
+                    f"{axis}: use a stop <= {size}"
+                )
+        self.array, self.origin = array, (0, y0, x0)
+        self.shape = (z, y1 - y0, x1 - x0)
+        self.dtype = array.dtype
+        self.voxel_size = getattr(array, "voxel_size", (1.0, 1.0, 1.0))
+
+    def __getitem__(self, idx: Any) -> np.ndarray:
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        idx = idx + (slice(None),) * (3 - len(idx))
+        inner, squeeze = [], []
+        for axis, (sl, o, n) in enumerate(zip(idx, self.origin, self.shape, strict=True)):
+            if isinstance(sl, (int, np.integer)):
+                sl, _ = slice(int(sl), int(sl) + 1), squeeze.append(axis)
+            a, b, step = sl.indices(n)
+            if step != 1:
+                raise IndexError("YXCrop takes unit-step slices only")
+            inner.append(slice(a + o, b + o))
+        out = np.asarray(self.array[tuple(inner)])
+        return out.squeeze(tuple(squeeze)) if squeeze else out
+
+
+def crop_yx(array: Any, spec: VolumeSpec, name: str = "volume") -> Any:
+    """``array`` restricted to the spec's ``y_range`` / ``x_range`` (itself when neither is set)."""
+    if spec.y_range is None and spec.x_range is None:
+        return array
+    return YXCrop(array, spec.y_range, spec.x_range, name)
+
+
 def _reopen(a: Any) -> Any:
     # A Volume pickles as the URI it was opened by; in-memory arrays are shared as they are.
     if isinstance(a, np.ndarray):
@@ -194,8 +243,8 @@ def open_source(spec: VolumeSpec, data: DataConfig, seed: int = 0) -> PatchSourc
             f"data file {path} not found: check data.root and the path (bbem.config."
             "resolve_volumes makes synthetic volumes and explains where real ones go)"
         )
-    raw = open_volume(path, spec.raw_key)
-    label = open_volume(path, spec.label_key)
+    raw = crop_yx(open_volume(path, spec.raw_key), spec, str(path))
+    label = crop_yx(open_volume(path, spec.label_key), spec, str(path))
     return source_from_arrays(
         raw,
         label,
@@ -238,8 +287,8 @@ def load_val_volumes(
         path = cfg.data.resolve(spec.path)
         if not path.exists():
             raise UserError(f"validation volume {path} not found: check data.root and data.val")
-        raw = open_volume(path, spec.raw_key)
-        label = open_volume(path, spec.label_key)
+        raw = crop_yx(open_volume(path, spec.raw_key), spec, str(path))
+        label = crop_yx(open_volume(path, spec.label_key), spec, str(path))
         if raw.shape != label.shape:
             raise UserError(
                 f"{path}: raw shape {raw.shape} and label shape {label.shape} differ: check "

@@ -1,0 +1,196 @@
+"""bbem's detector beside the pixel-classifier baseline, trained and scored in one run.
+
+For each seed: trains the config's U-Net (dense, and BB at the config's density with
+``--methods dense,bb``), predicts the validation box with ``bbem.infer.predict_volume`` from
+the best checkpoint, and scores it with ``bbem.metrics.evaluate`` at the threshold validation
+chose; runs ``bench/baseline_rf.py`` on the same boxes. Prints (and writes as markdown and
+JSON) mean +- sd over seeds of voxel PR-AUC, best F1, object F1 at IoU 0.2 and 0.5, CREMI
+score and wall time.
+
+    .venv/bin/python bench/detector.py configs/vnc.yaml --seeds 0,1,2 --methods dense,bb
+
+Real-data configs read ../shared/data/vnc-stack1-left.hdf (Gerhard et al. 2013,
+doi 10.6084/m9.figshare.856713, CC BY-NC-SA 3.0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from baseline_rf import MIN_SIZE, load_box, run_baseline, split_text
+
+COLUMNS = (
+    ("pr_auc", "val PR-AUC"),
+    ("f1_best", "best F1"),
+    ("obj_f1_02", "object F1 IoU 0.2"),
+    ("obj_f1_05", "object F1 IoU 0.5"),
+    ("cremi", "CREMI score"),
+    ("seconds", "wall time (s)"),
+)
+
+
+def write_val_volume(cfg: Any, path: Path) -> Path:
+    """The first validation box as a zarr (``volumes/raw``, ``volumes/labels/clefts``)."""
+    from bbem.volumes import write_volumes
+
+    if not path.exists():
+        raw, lab, vs = load_box(cfg, "val")[0]
+        write_volumes(
+            path,
+            {"volumes/raw": raw, "volumes/labels/clefts": lab.astype("uint8")},
+            voxel_size=vs,
+        )
+    return path
+
+
+def scores(result: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """The table's columns from a ``bbem.metrics.evaluate`` result."""
+    return {
+        "pr_auc": result["voxel"]["pr_auc"],
+        "f1_best": result["voxel"]["f1_best"],
+        "threshold": result["protocol"].get("threshold"),
+        "obj_f1_02": result["object"]["iou_0.2"]["f1"],
+        "obj_f1_05": result["object"]["iou_0.5"]["f1"],
+        "cremi": result["cremi"].get("score"),
+        "seconds": round(seconds, 1),
+    }
+
+
+def run_unet(
+    config: str, method: str, seed: int, overrides: Sequence[str], out: Path, val: Path
+) -> dict[str, Any]:
+    """Train one run (resumable: a finished run is read back), predict and score the val box."""
+    from bbem.config import load_config
+    from bbem.infer import predict_volume, resolve_threshold
+    from bbem.metrics import evaluate
+    from bbem.model import load_inference_model
+    from bbem.train import train
+    from bbem.volumes import open_volume
+
+    run_dir = out / f"{method}-s{seed}"
+    done = run_dir / "detector.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    sets = [*overrides, f"bb.method={method}", f"train.seed={seed}"]
+    if method != "dense":
+        sets.append(f"bb.seed={seed}")
+    cfg = load_config(config, sets)
+    if run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    t0 = time.perf_counter()
+    train(cfg, run_dir=run_dir, progress=False)
+    seconds = time.perf_counter() - t0
+    best = run_dir / "checkpoints" / "best.pt"
+    _, info = load_inference_model(best)
+    t = resolve_threshold("val", info)
+    pred = run_dir / "val_prediction.zarr"
+    predict_volume(best, val, pred, key="volumes/raw", overwrite=True, progress=False)
+    r = evaluate(
+        open_volume(pred),
+        open_volume(val, "volumes/labels/clefts"),
+        threshold=t,
+        min_size=MIN_SIZE,
+    )
+    r["protocol"]["threshold"] = t
+    row = {"method": method, "seed": seed, **scores(r, seconds)}
+    done.write_text(json.dumps(row, indent=1))
+    return row
+
+
+def run_rf(
+    config: str, seed: int, overrides: Sequence[str], out: Path, **options: Any
+) -> dict[str, Any]:
+    done = out / f"rf-s{seed}" / "detector.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    t0 = time.perf_counter()
+    r = run_baseline(config, out / f"rf-s{seed}", overrides, seed=seed, **options)
+    row = {"method": "random forest (baseline)", "seed": seed, **scores(r, time.perf_counter() - t0)}
+    done.write_text(json.dumps(row, indent=1))
+    return row
+
+
+def _mean_sd(values: list[float | None]) -> str:
+    v = [x for x in values if x is not None]
+    if not v:
+        return "-"
+    if len(v) == 1:
+        return f"{v[0]:.3f}" if abs(v[0]) < 100 else f"{v[0]:.0f}"
+    m, s = statistics.mean(v), statistics.stdev(v)
+    return f"{m:.3f} ± {s:.3f}" if abs(m) < 100 else f"{m:.0f} ± {s:.0f}"
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: one line per method, mean ± sd over seeds."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    head = "| method | " + " | ".join(c[1] for c in COLUMNS) + " | seeds |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
+    for m in methods:
+        rs = [r for r in rows if r["method"] == m]
+        cells = [_mean_sd([r[k] for r in rs]) for k, _ in COLUMNS]
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {len(rs)} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("config", nargs="?", default="configs/vnc.yaml")
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--methods", default="dense", help="comma-separated bb.method values")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--out", default=None, help="default bench/out/detector-<config name>")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    ap.add_argument("--rf-samples", type=int, default=200_000, help="baseline training pixels")
+    ap.add_argument("--rf-trees", type=int, default=100)
+    a = ap.parse_args(argv)
+    from bbem.config import load_config, resolve_volumes
+
+    cfg = load_config(a.config, a.set)
+    resolve_volumes(cfg)
+    out = Path(a.out or f"bench/out/detector-{cfg.name}")
+    out.mkdir(parents=True, exist_ok=True)
+    sets = [*a.set] + ([f"train.threads={a.threads}"] if a.threads else [])
+    val = write_val_volume(cfg, out / "val.zarr")
+    rows = []
+    for seed in (int(s) for s in a.seeds.split(",")):
+        rows.append(run_rf(a.config, seed, a.set, out, samples=a.rf_samples, trees=a.rf_trees))
+        for method in a.methods.split(","):
+            rows.append(run_unet(a.config, method, seed, sets, out, val))
+            print(json.dumps(rows[-1]), flush=True)
+    md = table(rows)
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    cmd = " ".join(["python", "bench/detector.py", *(argv or sys.argv[1:])])
+    meta = {
+        "split": split_text(cfg),
+        "steps": cfg.train.steps,
+        "command": cmd,
+        "commit": commit,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+    }
+    (out / "detector.md").write_text(
+        f"{md}\n\nsplit: {meta['split']}; {meta['steps']} steps; `{cmd}` at {commit}\n"
+    )
+    (out / "detector.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(md)
+    print(f"split: {meta['split']}; {meta['steps']} U-Net steps")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
