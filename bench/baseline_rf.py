@@ -60,7 +60,10 @@ def balanced_sample(
         raise UserError("a training box holds no cleft (or no background) voxels: widen it")
     k = n // 2
     pick = np.concatenate(
-        [rng.choice(pos, min(k, len(pos)), replace=False), rng.choice(neg, min(k, len(neg)), replace=False)]
+        [
+            rng.choice(pos, min(k, len(pos)), replace=False),
+            rng.choice(neg, min(k, len(neg)), replace=False),
+        ]
     )
     return pick, flat[pick]
 
@@ -120,8 +123,10 @@ def run_baseline(
     )
     forest.fit(np.concatenate(xs), np.concatenate(ys))
     t_fit = time.perf_counter() - t0
-    preds, truths, vs = [], [], None
-    for raw, lab, vs in load_box(cfg, "val"):
+    preds, truths = [], []
+    val = load_box(cfg, "val")
+    vs = val[0][2]
+    for raw, lab, _ in val:
         f = features(raw)
         p = forest.predict_proba(f.reshape(-1, f.shape[-1]))[:, 1].reshape(lab.shape)
         preds.append(np.rint(p * 255).astype(np.uint8))

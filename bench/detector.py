@@ -119,7 +119,11 @@ def run_rf(
         return json.loads(done.read_text())
     t0 = time.perf_counter()
     r = run_baseline(config, out / f"rf-s{seed}", overrides, seed=seed, **options)
-    row = {"method": "random forest (baseline)", "seed": seed, **scores(r, time.perf_counter() - t0)}
+    row = {
+        "method": "random forest (baseline)",
+        "seed": seed,
+        **scores(r, time.perf_counter() - t0),
+    }
     done.write_text(json.dumps(row, indent=1))
     return row
 
