@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from bbem.errors import UserError
+from bbem.errors import UserError, one_line
 
 
 def _zyx(text: str) -> tuple[int, int, int]:
@@ -239,7 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.func(args)
     except UserError as e:
-        print(f"bbem {args.command}: error: {e}", file=sys.stderr)
+        # one line, even when the message quotes a library's multi-line exception
+        print(f"bbem {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"bbem {args.command}: interrupted", file=sys.stderr)

@@ -21,8 +21,11 @@ one model; ``local`` starts a Dask LocalCluster of ``workers`` processes on 127.
 Writing protocol (what makes ``--resume`` exact): the output is built at
 ``<output>.partial`` with a manifest of the run's settings; each block leaves the marker
 ``.bbem_done/<z>_<y>_<x>`` only after its chunks are written; on completion the markers go and
-the directory is renamed to ``<output>``. A resumed run skips marked blocks and recomputes the
-rest, which are deterministic, so it ends with the bytes an uninterrupted run writes.
+the directory is renamed to ``<output>``, which keeps the manifest (the input's path, key, size
+and modification time among it) so ``--resume`` on a finished output can tell what made it. A
+resumed run skips marked blocks and recomputes the rest, which are deterministic, so it ends
+with the bytes an uninterrupted run writes. A run that fails before finishing any block
+removes its ``.partial``: there is nothing in it to resume.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -42,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from bbem.atomic import check_not_input, check_output, kind_for, output_lock, partial_path, remove
-from bbem.errors import UserError
+from bbem.errors import UserError, check_writable
 
 ZYX = tuple[int, int, int]
 
@@ -58,7 +63,8 @@ MAX_TIFF_VOXELS = 2**30
 WORKER_WAIT_S = 5
 DONE_DIR = ".bbem_done"
 MANIFEST = ".bbem_run.json"
-MANIFEST_VERSION = 1
+#: 2: the record also names the input file's size and modification time
+MANIFEST_VERSION = 2
 LABEL_NAME = "clefts"
 #: The full-resolution array of an OME-Zarr image group (as bbem.volumes writes it).
 LEVEL0 = "0"
@@ -444,16 +450,73 @@ def _manifest(
     if checkpoint is not None:
         st = os.stat(checkpoint)
         ck.update(size=st.st_size, mtime_ns=st.st_mtime_ns)
+    st = _input_stat(input)
     return {
         "version": MANIFEST_VERSION,
         "checkpoint": ck,
         "input": input,
         "key": key,
+        # what says the input is the same file: a finished output keeps this record, so
+        # --resume can tell it was made from this input and not only from this path
+        "input_file": None if st is None else {"size": st.st_size, "mtime_ns": st.st_mtime_ns},
         "plan": {k: list(v) for k, v in asdict(plan).items()},
         "tta": bool(tta),
         "threshold": threshold,
         "complete": False,
     }
+
+
+def _read_manifest(path: Path, what: Path, fix: str) -> dict[str, Any] | None:
+    """The run record at ``path`` (None when absent); a damaged one is a UserError with ``fix``."""
+    if not path.is_file():
+        return None
+    try:
+        man = json.loads(path.read_text())
+    except (OSError, ValueError):
+        man = None
+    if not isinstance(man, dict) or "plan" not in man:
+        raise UserError(f"{what} holds a damaged run record ({path.name}): {fix}")
+    return man
+
+
+def _mismatch(old: Mapping[str, Any], new: Mapping[str, Any]) -> str | None:
+    """How the run recorded in ``old`` differs from the one ``new`` describes, or None."""
+    keys = sorted(k for k in set(old) | set(new) if k != "complete" and old.get(k) != new.get(k))
+    if not keys:
+        return None
+    if "input" in keys or "key" in keys:
+
+        def name(m: Mapping[str, Any]) -> str:
+            return f"{m.get('input')}" + (f" (key {m['key']})" if m.get("key") else "")
+
+        return f"from another input ({name(old)}, not {name(new)})"
+    if keys == ["input_file"]:
+        return f"from {new['input']} before it changed (its size or modification time differ)"
+    return f"with other settings ({', '.join(keys)} differ)"
+
+
+def _check_finished(output: Path, manifest: Mapping[str, Any]) -> None:
+    """Refuse to call ``output`` complete unless its run record matches this run's."""
+    fix = "pass --overwrite to predict it again, or choose another output"
+    old = None if _is_tiff(output) else _read_manifest(output / MANIFEST, output, fix)
+    if old is None:
+        raise UserError(
+            f"{output} keeps no record of the input it was made from (a tiff, or written by an "
+            f"older bbem), so --resume cannot tell it is complete for these arguments: {fix}"
+        )
+    diff = _mismatch(old, manifest)
+    if diff is not None:
+        raise UserError(f"{output} was made {diff}: {fix}")
+
+
+def _worth_resuming(work: Path) -> bool:
+    """Whether a work folder holds a finished block (or all of them) for --resume to keep."""
+    if _done_blocks(work):
+        return True
+    try:
+        return bool(json.loads((work / MANIFEST).read_text()).get("complete"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
@@ -482,17 +545,10 @@ def _prepare_work(
     prob_path = work / LEVEL0
     label_path = None if label_group is None else label_group / LEVEL0
     man_path = work / MANIFEST
-    if resume and man_path.is_file():
-        old = json.loads(man_path.read_text())
-        old_cmp = {k: v for k, v in old.items() if k != "complete"}
-        new_cmp = {k: v for k, v in manifest.items() if k != "complete"}
-        if old_cmp != new_cmp:
-            diff = sorted(k for k in new_cmp if old_cmp.get(k) != new_cmp[k])
-            raise UserError(
-                f"{work} was started with other settings ({', '.join(diff)} differ): resume with "
-                f"the same arguments, or pass --overwrite to start {output} again"
-            )
-        return str(prob_path), None if label_path is None else str(label_path), old["complete"]
+    old = _resume_record(work, output, manifest) if resume else None
+    if old is not None:
+        complete = bool(old.get("complete"))
+        return str(prob_path), None if label_path is None else str(label_path), complete
     # No manifest: nothing usable was written (it is the last thing setup writes).
     remove(work)
     common = dict(chunks=plan.block, voxel_size=tuple(vol.voxel_size), offset=tuple(vol.offset))
@@ -514,8 +570,22 @@ def _prepare_work(
     return str(prob_path), None if label_path is None else str(label_path), False
 
 
+def _resume_record(work: Path, output: Path, manifest: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The run record of the work folder to resume (None: none yet); refused if it differs."""
+    fix = f"pass --overwrite to start {output} again"
+    old = _read_manifest(work / MANIFEST, work, fix)
+    if old is not None:
+        diff = _mismatch(old, manifest)
+        if diff is not None:
+            raise UserError(f"{work} was started {diff}: resume with the same arguments, or {fix}")
+    return old
+
+
 def _finish(work: Path, output: Path, plan: Plan, label_path: str | None) -> None:
-    """Drop the markers and rename; a tiff output is written from the finished store."""
+    """Drop the markers and rename; a tiff output is written from the finished store.
+
+    A zarr output keeps the run record (:data:`MANIFEST`, marked complete) inside it.
+    """
     man_path = work / MANIFEST
     man = json.loads(man_path.read_text())
     man["complete"] = True
@@ -539,8 +609,7 @@ def _finish(work: Path, output: Path, plan: Plan, label_path: str | None) -> Non
         remove(work)
         return
     remove(output)
-    os.replace(work, output)
-    (output / MANIFEST).unlink(missing_ok=True)
+    os.replace(work, output)  # the run record stays: --resume checks a finished output with it
 
 
 def _tiff_labels_path(output: Path) -> Path:
@@ -612,18 +681,20 @@ def predict_volume(
 
     if resume and overwrite:
         raise UserError("--resume and --overwrite exclude each other: pick one")
+    _check_scheduler(scheduler)
+    if int(workers) < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
     output = Path(output).absolute()
     work = _work_path(output)
     # Never write over an input (or its checkpoint); hold the output for the whole run.
     is_path = isinstance(checkpoint_or_model, (str, os.PathLike))
     inputs = [input, checkpoint_or_model if is_path else None]
     check_not_input(output, inputs)
+    check_writable(output)  # before the lock file, which would otherwise be what fails
     with output_lock(output):
-        if resume and output.exists() and not work.exists():
-            if progress:
-                print(f"bbem infer: {output} is already complete")
-            return output
-        if _is_tiff(output) and threshold is not None:
+        # A finished output is checked against its run record once the plan is known.
+        finished = resume and output.exists() and not work.exists()
+        if _is_tiff(output) and threshold is not None and not finished:
             check_output(_tiff_labels_path(output), overwrite or resume, "tiff", inputs)
         if overwrite:
             check_output(output, overwrite=True, kind=kind_for(output), inputs=inputs)
@@ -634,12 +705,6 @@ def predict_volume(
                     f"an interrupted run left {work}: pass --resume to finish it or --overwrite "
                     "to start again"
                 )
-        if scheduler not in ("threads", "local") and not str(scheduler).startswith("tcp://"):
-            raise UserError(
-                f"--scheduler must be threads, local or tcp://HOST:PORT, got {scheduler!r}"
-            )
-        if int(workers) < 1:
-            raise UserError(f"--workers must be at least 1, got {workers}")
 
         # The model: a path is loaded here to check it early, and again (once) in each worker.
         if isinstance(checkpoint_or_model, (str, os.PathLike)):
@@ -662,15 +727,27 @@ def predict_volume(
             )
         normalize_raw(np.zeros(1, dtype=vol.dtype))  # refuse e.g. int64 raw before any work
         plan = make_plan(vol.shape, factor, block, halo, roi_size)
+        manifest = _manifest(ckpt, input_s, key, plan, tta, threshold)
+        if finished:
+            _check_finished(output, manifest)
+            if progress:
+                print(f"bbem infer: {output} is already complete")
+            return output
         if _is_tiff(output) and math.prod(plan.shape) > MAX_TIFF_VOXELS:
             raise UserError(
                 f"{math.prod(plan.shape)} voxels is too large for a tiff output: write a .zarr"
             )
+        _check_window_fits(model, plan, factor, input)
+        if halo is not None:
+            _warn_halo_cost(plan)
+
+        if resume:  # a refused resume leaves the work folder as it was
+            _resume_record(work, output, manifest)
 
         # Connect first: an unreachable scheduler fails in seconds and leaves nothing behind.
         client, cluster = _connect(scheduler, workers) if scheduler != "threads" else (None, None)
+        succeeded = False
         try:
-            manifest = _manifest(ckpt, input_s, key, plan, tta, threshold)
             if overwrite:
                 remove(work)
             work.parent.mkdir(parents=True, exist_ok=True)
@@ -698,11 +775,16 @@ def predict_volume(
                     where = _run_dask(job, todo, ckpt, model, client, bar)
             seconds = time.perf_counter() - t0
             _finish(work, output, plan, label_path)
+            succeeded = True
         finally:
             if client is not None:
                 client.close()
             if cluster is not None:
                 cluster.close()
+            # A run that failed before finishing any block leaves nothing worth resuming, and
+            # a .partial left behind would make the corrected command ask for --overwrite.
+            if not succeeded and work.exists() and not _worth_resuming(work):
+                remove(work)
         if progress:
             voxels = sum(_box_size(plan.block_box(i)) for i in todo)
             print(
@@ -713,15 +795,104 @@ def predict_volume(
         return output
 
 
+#: ``tcp://HOST:PORT``, the host a name, an IPv4 address or a bracketed IPv6 address
+_TCP_ADDRESS = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(\d{1,5})/?")
+
+
+def _check_scheduler(scheduler: str) -> None:
+    """Refuse a malformed ``--scheduler`` before anything is opened or written."""
+    s = str(scheduler)
+    if s in ("threads", "local"):
+        return
+    if not s.startswith("tcp://"):
+        raise UserError(f"--scheduler must be threads, local or tcp://HOST:PORT, got {s!r}")
+    m = _TCP_ADDRESS.fullmatch(s)
+    if m is None or not 0 < int(m.group(2)) < 65536:
+        raise UserError(
+            f"--scheduler {s} is not a scheduler address: give tcp://HOST:PORT with a port "
+            "number, as `dask scheduler` prints it (e.g. tcp://127.0.0.1:8786)"
+        )
+
+
+def _check_window_fits(model: Any, plan: Plan, factor: Sequence[int], input: Any) -> None:
+    """Refuse a volume so small that the network cannot run on one window of it.
+
+    A window capped to a small volume can reach the network's deepest level as a single voxel,
+    where instance normalisation fails (a ValueError deep in the first block). Only that case
+    is tried, on one zero window, so a normal run costs nothing.
+    """
+    if math.prod(r // f for r, f in zip(plan.roi, factor)) > 1:
+        return
+    import torch
+
+    param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    x = torch.zeros((1, 1, *plan.roi), device=param.device if param is not None else "cpu")
+    try:
+        with torch.inference_mode():
+            model(x)
+    except (ValueError, RuntimeError):
+        need = (factor[0], 2 * factor[1], 2 * factor[2])
+        raise UserError(
+            f"{input} is {_fmt(plan.shape)} voxels (z,y,x), too small for this network: a "
+            f"window of it shrinks to a single voxel at the network's deepest level (it "
+            f"downsamples by {_fmt(factor)}); infer a volume of at least {_fmt(need)} voxels"
+        ) from None
+
+
+#: A halo costing this many times the default's windows per voxel is worth a warning.
+HALO_WARN_FACTOR = 4.0
+
+
+def halo_cost(plan: Plan) -> float:
+    """Windows per voxel of ``plan`` relative to the default halo (a quarter of the window).
+
+    Along an axis longer than the window, a voxel lies in about ``roi / step`` windows; an
+    axis the window spans whole has one window whatever the halo.
+    """
+    cost = 1.0
+    for size, r, h in zip(plan.shape, plan.roi, plan.halo):
+        if size > r:
+            cost *= (r - r // 4) / (r - h)
+    return cost
+
+
+def _warn_halo_cost(plan: Plan) -> None:
+    cost = halo_cost(plan)
+    if cost >= HALO_WARN_FACTOR:
+        default = tuple(r // 4 for r in plan.roi)
+        print(
+            f"bbem infer: warning: --halo {_fmt(plan.halo)} leaves the sliding windows "
+            f"({_fmt(plan.roi)}) only {_fmt(plan.step)} apart: about {cost:.0f}x the windows "
+            f"per voxel of the default --halo {_fmt(default)}, so inference takes about "
+            f"{cost:.0f}x as long",
+            file=sys.stderr,
+        )
+
+
 def _box_size(box: Sequence[slice]) -> int:
     return math.prod(s.stop - s.start for s in box)
 
 
-def _mtime(path: str) -> int | None:
-    try:
-        return os.stat(path.split("://")[-1]).st_mtime_ns
-    except OSError:
+def _input_stat(input: str) -> os.stat_result | None:
+    """``os.stat`` of the file (or folder) an input reference names; None for a remote one.
+
+    ``x.hdf:volumes/raw`` names ``x.hdf``; ``file://`` is a local path.
+    """
+    if "://" in input and not input.startswith("file://"):
         return None
+    s = input.removeprefix("file://")
+    while True:
+        try:
+            return os.stat(s)
+        except OSError:
+            if ":" not in s:
+                return None
+            s = s.rsplit(":", 1)[0]  # path:key, the key naming a dataset inside the container
+
+
+def _mtime(path: str) -> int | None:
+    st = _input_stat(path)
+    return None if st is None else st.st_mtime_ns
 
 
 def _run_threads(
@@ -799,7 +970,7 @@ def _connect(scheduler: str, workers: int) -> tuple[Any, Any]:
     if scheduler.startswith("tcp://"):
         try:
             client = Client(scheduler, timeout="5s")
-        except (OSError, TimeoutError) as e:
+        except (OSError, TimeoutError, ValueError) as e:  # ValueError: a malformed address
             raise UserError(
                 f"cannot reach the Dask scheduler at {scheduler} ({type(e).__name__}): start it "
                 "with `dask scheduler` and workers with `dask worker ADDRESS`, or use "

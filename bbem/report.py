@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from bbem.atomic import describe
-from bbem.errors import UserError
+from bbem.atomic import describe, remove
+from bbem.errors import UserError, os_refusals
 from bbem.metrics.evaluate import write_json
 from bbem.metrics.plot import plot_pr_curve, save_figure
 from bbem.rundir import RunDir, read_bb_table
@@ -37,10 +37,39 @@ _EPS = 1e-4
 
 
 def make_report(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """Write ``RUN_DIR/report/`` (PNGs and ``summary.json``); returns the summary."""
+    """Write ``RUN_DIR/report/`` (PNGs and ``summary.json``); returns the summary.
+
+    A report that fails half-way is removed when this call made its folder, so nothing
+    half-written is mistaken for a report (and no --overwrite is needed to retry).
+    """
     rd = RunDir.open(run_dir, lock=False)
     out = rd.path / "report"
-    out.mkdir(exist_ok=True)
+    created = not out.is_dir()
+    _make_folder(out)
+    try:
+        with os_refusals(out):  # permission, read-only or a full disk: one line, not a traceback
+            return _write_report(rd, out)
+    except BaseException:
+        if created:
+            remove(out)
+        raise
+
+
+def _make_folder(out: Path) -> None:
+    try:
+        out.mkdir(exist_ok=True)
+    except OSError as e:
+        if out.is_symlink():  # exists() is False for a dangling link, and mkdir says "exists"
+            why = f"it is a link to {os.readlink(out)}, which is not a folder"
+        else:
+            why = e.strerror or type(e).__name__
+        raise UserError(
+            f"cannot create the report folder {out}: {why}: make it a writable folder, or copy "
+            "the run directory somewhere writable and report that"
+        ) from None
+
+
+def _write_report(rd: RunDir, out: Path) -> dict[str, Any]:
     notes: list[str] = []
     plots: dict[str, str] = {}
     config = rd.config or {}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import logging
 import math
 import os
@@ -29,7 +30,7 @@ import numpy as np
 import yaml
 
 from bbem.atomic import atomic_output, output_lock, remove
-from bbem.errors import UserError
+from bbem.errors import UserError, check_writable
 
 BB_COLUMNS = ("step", "layer", "mode", "unit", "on_rate", "degree", "full_fan", "traffic")
 #: ``bb.summary()`` keys logged as ``bb_<key>`` columns of metrics.csv, by every training job.
@@ -72,11 +73,17 @@ class RunDir:
             raise UserError(
                 f"run directory {p} exists and is not empty: choose another --run-dir or resume it with --resume {p}"
             )
+        try:
+            check_writable(p)  # names the file in the way, or the read-only folder, at once
+        except UserError as e:
+            raise UserError(f"{e}: choose another --run-dir") from None
         existed = p.exists()
         try:
             p.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise UserError(f"cannot create the run directory {p}: {e.strerror}") from None
+            raise UserError(
+                f"cannot create the run directory {p}: {e.strerror}: choose another --run-dir"
+            ) from None
         rd = cls(p)
         rd._created = not existed
         try:
@@ -84,7 +91,7 @@ class RunDir:
             with atomic_output(p / "config.yaml", overwrite=True) as tmp:
                 tmp.write_text(yaml.safe_dump(_plain(config), sort_keys=False))
         except BaseException:
-            rd.__exit__(*sys.exc_info())
+            rd.__exit__(*sys.exc_info())  # removes what was made; an OSError becomes a UserError
             raise
         return rd
 
@@ -108,13 +115,22 @@ class RunDir:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         self.close()
         started = self.metrics_csv.exists() or any(self.checkpoints.glob("*.pt"))
-        if exc_type is not None and self._created is not None and not started:
+        cleaned = exc_type is not None and self._created is not None and not started
+        if cleaned:
             # a failed start: nothing worth keeping, and leaving config.yaml would block a retry
             if self._created:
                 remove(self.path)
             else:
                 for child in self.path.iterdir():
                     remove(child)
+        refused = isinstance(exc, OSError) and exc.errno in _REFUSED
+        if refused and _inside(exc.filename, self.path):
+            # The OS refused a write into the run (permissions, read-only, disk full): the user's
+            # to fix, so one line instead of a traceback (root passes the os.access checks).
+            fix = "choose a writable --run-dir"
+            if not cleaned:
+                fix = f"fix that and continue the run with --resume {self.path}"
+            raise UserError(f"cannot write {exc.filename}: {exc.strerror}: {fix}") from None
 
     @property
     def config(self) -> dict[str, Any]:
@@ -145,6 +161,21 @@ class RunDir:
 
     def read_metrics(self) -> list[dict[str, str]]:
         return _read(self.metrics_csv)[1] if self.metrics_csv.is_file() else []
+
+
+#: errno values by which the OS refuses a write the user can fix (any other OSError is a bug)
+_REFUSED = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+
+
+def _inside(filename: Any, folder: Path) -> bool:
+    """Whether an OSError's ``filename`` lies in ``folder`` (False when it names no file)."""
+    if not isinstance(filename, (str, bytes, os.PathLike)):
+        return False
+    try:
+        f = Path(os.fsdecode(filename)).absolute()
+    except (TypeError, ValueError):
+        return False
+    return f == folder.absolute() or folder.absolute() in f.parents
 
 
 def bb_summary_columns(summary: Mapping[str, float]) -> dict[str, float]:

@@ -195,11 +195,15 @@ def train(
             last = rd.checkpoint_path("last")
             if last.is_file():
                 ck = load_checkpoint(last)
-                model.load_state_dict(ck["model"])
-                if bb is not None and ck.get("bb") is not None:
-                    bb.load_state_dict(ck["bb"])
-                opt.load_state_dict(ck["optimizer"])
-                sched.load_state_dict(ck["scheduler"])
+                try:
+                    model.load_state_dict(ck["model"])
+                    if bb is not None and ck.get("bb") is not None:
+                        bb.load_state_dict(ck["bb"])
+                    opt.load_state_dict(ck["optimizer"])
+                    sched.load_state_dict(ck["scheduler"])
+                except (RuntimeError, ValueError, KeyError, TypeError):
+                    # torch lists every mismatched tensor (dozens of lines): say what differs
+                    raise UserError(_misfit(last, rd.path, ck, cfg)) from None
                 _set_rng_state(ck["rng"])
                 step, best = int(ck["step"]), float(ck.get("best", -1.0))
                 elapsed0 = float(ck.get("elapsed_s", 0.0))
@@ -295,6 +299,23 @@ def train(
         row["best_pr_auc"] = best
         rd.log.info("finished: %s", row)
         return row
+
+
+def _misfit(last: Path, run: Path, ck: dict[str, Any], cfg: RunConfig) -> str:
+    """Why ``last.pt`` cannot be loaded into the model ``config.yaml`` describes, and the fix."""
+    saved, now = ck.get("config") or {}, cfg.to_dict()
+
+    def changed(section: str) -> list[str]:
+        a, b = saved.get(section) or {}, now.get(section) or {}
+        return [f"{section}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+    # the model and BB shape the weights; optimiser changes (a new lr) alone are a legal resume
+    diff = changed("model") + changed("bb") or changed("optim")
+    what = f" ({', '.join(diff)} changed since it was written)" if diff else ""
+    return (
+        f"checkpoint {last} does not fit the model config in {run / 'config.yaml'}{what}: restore "
+        "the settings the run was trained with, or train a new run with another --run-dir"
+    )
 
 
 class _Progress:

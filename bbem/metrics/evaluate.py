@@ -30,10 +30,15 @@ from typing import Any
 import numpy as np
 
 from bbem.atomic import atomic_output, check_output
-from bbem.errors import UserError
+from bbem.errors import UserError, check_writable, os_refusals
 from bbem.metrics.cremi import CremiDistances
 from bbem.metrics.objects import Objects, Overlaps, object_metrics
-from bbem.metrics.voxel import PRHistogram, as_levels, cleft_mask
+from bbem.metrics.voxel import PRHistogram, as_levels, check_prediction_dtype, cleft_mask
+
+#: PR-AUC where the truth holds no cleft voxel (printed; the JSON holds null)
+UNDEFINED_PR_AUC = "undefined (no cleft voxels)"
+#: voxels of truth sampled to tell labels from raw intensities
+_TRUTH_SAMPLE = (8, 512, 512)
 
 
 def evaluate(
@@ -58,11 +63,14 @@ def evaluate(
     """Every measure of ``prediction`` against ``truth`` (``Volume``, numpy, zarr or h5py
     arrays of shape z, y, x).
 
-    ``prediction``: uint8 levels 0-255 or float probabilities 0-1. ``truth``: cleft labels
-    (nonzero is cleft; CREMI's 2**64-1 is background) or a bool mask. ``mask``: voxels to score
-    (nonzero). ``voxel_size``: nm (z, y, x); default the truth's, else the prediction's, else 1.
-    ``margin``: voxels (z, y, x) not scored at each border. ``threshold``: probability for the
-    object and CREMI measures (a voxel is cleft when ``round(255 p) >= round(255 threshold)``).
+    ``prediction``: uint8 levels 0-255 or float probabilities 0-1 (or a bool mask); other
+    dtypes are refused. ``truth``: integer cleft labels, mostly background (nonzero is cleft;
+    CREMI's 2**64-1 is background), or a bool mask; float truth, or integers mostly nonzero (raw
+    intensities), are refused. With no cleft voxel in the scored truth, ``pr_auc`` is None
+    (undefined). ``mask``: voxels to score (nonzero). ``voxel_size``: nm (z, y, x); default
+    the truth's, else the prediction's, else 1. ``margin``: voxels (z, y, x) not scored at each
+    border. ``threshold``: probability for the object and CREMI measures (a voxel is cleft when
+    ``round(255 p) >= round(255 threshold)``).
     ``cremi=False`` skips the CREMI distances (the slowest part for noisy predictions).
 
     Returns ``{"voxel": {...}, "object": {...}, "cremi": {...}, "protocol": {...}}``.
@@ -83,10 +91,14 @@ def evaluate(
         raise UserError(
             f"truth_instances must be auto, labels or components, got {truth_instances!r}"
         )
+    if int(min_size) < 0:
+        raise UserError(f"min_size (--min-size) must be a voxel count of 0 or more, got {min_size}")
+    check_prediction_dtype(_dtype(prediction), names["prediction"])
+    _check_truth(truth, shape, names["truth"])
     margin_t = _margin(margin, shape)
     vs, vs_source = _voxel_size(voxel_size, truth, prediction)
     level = round(threshold * 255)
-    truth_dtype = np.dtype(getattr(truth, "dtype", np.asarray(truth[0:1]).dtype))
+    truth_dtype = _dtype(truth)
     label_ok = truth_dtype.kind in "iu" and truth_instances != "components"
     cc_ok = truth_instances != "labels" or not label_ok
 
@@ -141,16 +153,13 @@ def evaluate(
 
     if hist.n_voxels == 0:
         raise UserError("no voxel is scored: the mask and margin leave nothing to evaluate")
-    if hist.n_positive == 0:
-        raise UserError(
-            f"truth {names['truth']} has no cleft voxel in the scored region: check the labels "
-            "dataset (e.g. volumes/labels/clefts), the mask and the margin"
-        )
     if truth_lab is not None and (truth_cc is None or truth_lab.n_instances() > 1):
         t_obj, ov, instances = truth_lab, ov_lab, "labels"
     else:
         t_obj, ov, instances = truth_cc, ov_cc, "components"
     voxel = hist.result()
+    if hist.n_positive == 0:  # PR-AUC needs positives; PRHistogram's 0 would read as a score
+        voxel["pr_auc"] = None
     objects = object_metrics(
         pred_obj,
         t_obj,
@@ -219,6 +228,7 @@ def evaluate_from_cli(
     outs = [(p, k) for p, k in ((json_path, "json"), (plot_path, "png")) if p]
     for path, kind in outs:
         check_output(path, overwrite, kind=kind, inputs=inputs)
+        check_writable(path)  # refused now, not after the evaluation
     if json_path and plot_path and Path(json_path).resolve() == Path(plot_path).resolve():
         raise UserError("--json and --plot name the same file: give each its own path")
 
@@ -247,7 +257,7 @@ def evaluate_from_cli(
 
 def write_json(result: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write a result as strict JSON (no NaN or Infinity: those become null), atomically."""
-    with atomic_output(path, overwrite=True, kind="json") as tmp:
+    with os_refusals(path), atomic_output(path, overwrite=True, kind="json") as tmp:
         tmp.write_text(json.dumps(_json_safe(result), indent=2, allow_nan=False) + "\n")
     return Path(path)
 
@@ -262,20 +272,27 @@ def print_table(result: dict[str, Any], console: Any = None) -> None:
     t = Table(title="voxel level (headline: no post-processing)", title_justify="left")
     for col in ("PR-AUC", "F1 best", "at t", "F1 @0.5", "precision @0.5", "recall @0.5"):
         t.add_column(col, justify="right")
+    pr_auc = UNDEFINED_PR_AUC if v["pr_auc"] is None else f"{v['pr_auc']:.4f}"
     t.add_row(
+        pr_auc,
         *(
             f"{x:.4f}"
             for x in (
-                v["pr_auc"],
                 v["f1_best"],
                 v["threshold_best"],
                 v["f1_05"],
                 v["precision_05"],
                 v["recall_05"],
             )
-        )
+        ),
     )
     console.print(t)
+    if v["pr_auc"] is None:
+        console.print(
+            f"note: truth {pr['truth']} has no cleft voxel in the scored region, so PR-AUC and "
+            "recall are undefined; if it should, check the labels dataset (e.g. "
+            "volumes/labels/clefts), the mask and the margin"
+        )
     t = Table(
         title=f"object level (t={pr['threshold']:g}, min size {pr['objects']['min_size_voxels']}, "
         f"{o['n_pred']} predicted, {o['n_true']} true, {o['split']} split, {o['merged']} merged)",
@@ -332,6 +349,38 @@ def _json_safe(x: Any) -> Any:
     if isinstance(x, float) and not math.isfinite(x):
         return None
     return x
+
+
+def _dtype(x: Any) -> np.dtype:
+    dt = getattr(x, "dtype", None)  # not `or`: a plain np.dtype is falsy (it has no fields)
+    return np.dtype(dt if dt is not None else np.asarray(x[0:1]).dtype)
+
+
+def _check_truth(truth: Any, shape: tuple[int, ...], name: str) -> None:
+    """Refuse truth that is no cleft labels: float, or integers mostly nonzero in a sample."""
+    dt = _dtype(truth)
+    if dt.kind == "b":
+        return
+    if dt.kind not in "iu":
+        raise UserError(
+            f"truth {name} is {dt}: truth must be cleft labels (integers, 0 = background) or a "
+            "bool mask; float looks like raw intensities or a prediction, not labels: give the "
+            "labels dataset, e.g. sample.hdf:volumes/labels/clefts"
+        )
+    # a central block: cleft labels are overwhelmingly background anywhere, raw EM nowhere
+    box = tuple(
+        slice((n - min(n, b)) // 2, (n - min(n, b)) // 2 + min(n, b))
+        for n, b in zip(shape, _TRUTH_SAMPLE, strict=True)
+    )
+    sample = np.asarray(truth[box])
+    background = 1.0 - float(cleft_mask(sample).mean())
+    if background < 0.5:
+        where = ", ".join(f"{a} {s.start}-{s.stop - 1}" for a, s in zip("zyx", box, strict=True))
+        raise UserError(
+            f"truth {name} looks like raw intensities, not labels: only {background:.0%} of "
+            f"the block {where} is background (0), where cleft labels are mostly background; "
+            "give the cleft labels dataset, e.g. sample.hdf:volumes/labels/clefts"
+        )
 
 
 def _name(x: Any, default: str) -> str:

@@ -45,24 +45,38 @@ def to_uint8(prob: np.ndarray) -> np.ndarray:
     return t.astype(np.uint8)
 
 
+#: what a prediction must be, for error messages
+PREDICTION_DTYPES = (
+    "a prediction must be uint8 levels in [0, 255] (round(255 p), as bbem infer writes) or "
+    "float probabilities in [0, 1]"
+)
+
+
+def check_prediction_dtype(dtype: Any, name: str = "prediction") -> None:
+    """Refuse a dtype that is no probability map: only uint8, float and bool are.
+
+    Other integers are refused whatever their values: an int16 or uint16 volume is raw
+    intensities or labels far more often than levels, and reading it as levels is silently wrong.
+    """
+    dt = np.dtype(dtype)
+    if dt == np.uint8 or dt.kind in "bf":
+        return
+    raise UserError(
+        f"{name} is {dt}: {PREDICTION_DTYPES}; is it raw intensities or labels rather than "
+        "a prediction?"
+    )
+
+
 def as_levels(pred: np.ndarray) -> np.ndarray:
-    """A prediction block as uint8 levels: uint8 as is, other integers checked to lie in
-    [0, 255], floats checked to lie in [0, 1] then :func:`to_uint8`, bool as 0 / 255."""
+    """A prediction block as uint8 levels: uint8 as is, floats checked to lie in [0, 1] then
+    :func:`to_uint8`, bool as 0 / 255; any other dtype is a :class:`UserError`."""
     p = np.asarray(pred)
+    check_prediction_dtype(p.dtype)
     if p.dtype == np.uint8:
         return p
     if p.dtype == bool:
         return p.astype(np.uint8) * np.uint8(255)
-    if np.issubdtype(p.dtype, np.integer):
-        if p.size and (int(p.min()) < 0 or int(p.max()) > 255):
-            raise UserError(
-                f"integer prediction must hold levels in [0, 255], found values in "
-                f"[{int(p.min())}, {int(p.max())}]: is this a label volume rather than a prediction?"
-            )
-        return p.astype(np.uint8)
-    if np.issubdtype(p.dtype, np.floating):
-        return to_uint8(p)
-    raise UserError(f"prediction dtype {p.dtype} is not supported: use uint8 0-255 or float 0-1")
+    return to_uint8(p)
 
 
 def cleft_mask(labels: np.ndarray) -> np.ndarray:
@@ -152,7 +166,8 @@ class PRHistogram:
         # sklearn's curve: thresholds ascending, then the (recall 0, precision 1) end point
         prec_c = np.r_[precision, 1.0]
         rec_c = np.r_[recall, 0.0]
-        ap = float(-np.sum(np.diff(rec_c) * prec_c[:-1]))
+        # + 0.0: with no positive voxel the sum is -0.0, which tables print as "-0"
+        ap = float(-np.sum(np.diff(rec_c) * prec_c[:-1])) + 0.0
         f1 = _f1(precision, recall) if n_pos else np.zeros_like(precision)
         best = int(np.argmax(f1))
         c05 = self.counts_at(128)

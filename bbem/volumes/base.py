@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from bbem.errors import UserError
+from bbem.errors import UserError, one_line
 
 #: CREMI marks "no cleft" with the largest uint64; bbem always uses 0 for background.
 CLEFT_BACKGROUND = np.iinfo(np.uint64).max
@@ -103,7 +103,20 @@ class Volume:
         return self.shape[0]
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        out = np.asarray(self._array[_normalise_index(key, self.shape)])
+        index = _normalise_index(key, self.shape)
+        try:
+            out = np.asarray(self._array[index])
+        except (IndexError, MemoryError, UserError):
+            raise  # the caller's index or this machine, not the file
+        except Exception as e:
+            # zarr/numcodecs, tifffile, h5py and zlib each raise their own types (RuntimeError,
+            # ValueError, OSError, TiffFileError, ...) for a chunk that does not decode: this is
+            # the one place every read passes, so a damaged file is reported here, once.
+            raise UserError(
+                f"cannot read {self.name} at {_describe_block(index, self.shape)}: the file is "
+                f"damaged or truncated ({type(e).__name__}: {one_line(e)}); restore it from a "
+                "good copy or convert the original again"
+            ) from e
         if self.is_cleft_labels:
             bg = out == np.iinfo(self.dtype).max
             if bg.any():
@@ -160,6 +173,18 @@ class Volume:
             f"voxel_size={self.voxel_size}, offset={self.offset}, chunks={self.chunks}, "
             f"format={self.format!r})"
         )
+
+
+def _describe_block(index: tuple[slice | int, ...], shape: tuple[int, ...]) -> str:
+    """``z 0-7, y 0-63, x 64-127``: the voxels an index covers, for error messages."""
+    parts = []
+    for axis, k, n in zip("zyx", index, shape):
+        if isinstance(k, slice):
+            start, stop, _ = k.indices(n)
+            parts.append(f"{axis} {start}-{max(start, stop - 1)}")
+        else:
+            parts.append(f"{axis} {int(k)}")
+    return "block " + ", ".join(parts)
 
 
 def _call(fn: Callable[[], Volume]) -> Volume:

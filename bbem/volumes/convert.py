@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +27,10 @@ from rich.progress import (
 )
 
 from bbem.atomic import atomic_output, check_output, output_lock
-from bbem.errors import UserError
+from bbem.errors import UserError, os_refusals
 from bbem.volumes.base import Volume, check_finite, check_same_shape
-from bbem.volumes.hdf5_io import list_datasets
-from bbem.volumes.io import detect_format, iter_blocks, open_volume, split_uri
+from bbem.volumes.hdf5_io import list_datasets, open_hdf5_file
+from bbem.volumes.io import detect_format, hold_interrupts, iter_blocks, open_volume, split_uri
 from bbem.volumes.tiff_io import TIFF_SUFFIXES, write_tiff
 from bbem.volumes.zarr_io import (
     _list_keys,
@@ -38,6 +38,7 @@ from bbem.volumes.zarr_io import (
     create_container,
     default_chunks,
     init_ome_image,
+    open_zarr_node,
 )
 
 DEFAULT_MAX_MEMORY = 512 * 2**20
@@ -88,14 +89,12 @@ def _source_volumes(input: str | os.PathLike, key: str | None) -> dict[str, Volu
         return {"": open_volume(input, key=key)}
     fmt = detect_format(container)
     if fmt == "hdf5":
-        import h5py
-
-        with h5py.File(container, "r") as f:
+        with open_hdf5_file(container) as f:
             keys = [k for k in list_datasets(f) if f[k].ndim == 3]
     elif fmt == "zarr":
         import zarr
 
-        node = zarr.open(str(container), mode="r")
+        node = open_zarr_node(container)
         if isinstance(node, zarr.Array) or _ome_multiscales(dict(node.attrs)) is not None:
             return {"": open_volume(container)}
         keys = _list_keys(node)
@@ -131,8 +130,8 @@ def convert(
     """
     out = Path(output)
     check_output(out, overwrite, inputs=[input])
-    with output_lock(out):
-        return _convert(input, out, key, chunks, overwrite, max_memory, progress)
+    with os_refusals(out), output_lock(out), hold_interrupts() as check:
+        return _convert(input, out, key, chunks, overwrite, max_memory, progress, check)
 
 
 def _convert(
@@ -143,6 +142,7 @@ def _convert(
     overwrite: bool,
     max_memory: int,
     progress: bool,
+    check: Callable[[], None],
 ) -> dict[str, Volume]:
     sources = _source_volumes(input, key)
     try:
@@ -183,6 +183,7 @@ def _convert(
 
                 def pages() -> Any:
                     for sl in plans[k][2]:
+                        check()
                         block = vol[sl]
                         check_finite(block, vol.name, (sl[0].start,))
                         digests[k].append(_digest(block))
@@ -213,11 +214,12 @@ def _convert(
                         del block
                         trim(0)
                         bar.advance(task)
+                        check()
             for k, vol in sources.items():
                 bar.update(task, description=f"verify {k or out.name}")
                 uri = tmp if not k else f"{tmp}/{k}"
                 with open_volume(uri) as copy:
-                    _verify(vol, copy, plans[k][2], digests[k], bar, task)
+                    _verify(vol, copy, plans[k][2], digests[k], bar, task, check)
     finally:
         for vol in sources.values():
             vol.close()
@@ -227,7 +229,13 @@ def _convert(
 
 
 def _verify(
-    src: Volume, copy: Volume, blocks: list, digests: list[bytes], bar: Progress, task: Any
+    src: Volume,
+    copy: Volume,
+    blocks: list,
+    digests: list[bytes],
+    bar: Progress,
+    task: Any,
+    check: Callable[[], None],
 ) -> None:
     if copy.shape != src.shape or copy.dtype != src.dtype:
         raise RuntimeError(
@@ -242,6 +250,7 @@ def _verify(
             raise RuntimeError(f"verification failed: block {sl} of {copy.name} differs")
         trim(0)
         bar.advance(task)
+        check()
 
 
 def convert_from_cli(

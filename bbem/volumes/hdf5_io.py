@@ -12,7 +12,7 @@ from typing import Any
 
 import h5py
 
-from bbem.errors import UserError
+from bbem.errors import UserError, one_line
 from bbem.volumes.base import Volume
 
 HDF5_SUFFIXES = (".h5", ".hdf", ".hdf5", ".he5", ".cremi")
@@ -28,12 +28,22 @@ def list_datasets(group: h5py.Group) -> list[str]:
     return sorted(keys)
 
 
+def open_hdf5_file(path: Path) -> h5py.File:
+    """``path`` opened read-only; an empty, truncated or foreign file is a UserError."""
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:  # h5py says "file signature not found", "truncated file", ...
+        size = path.stat().st_size if path.is_file() else None
+        what = "is empty (0 bytes)" if size == 0 else "is not a readable hdf5 file"
+        raise UserError(
+            f"{path} {what} ({one_line(e)}): give an hdf5 file (CREMI layout), or convert the "
+            "original again if this one was cut short"
+        ) from e
+
+
 def open_hdf5(path: Path, key: str | None, uri: str, reopen: Any) -> Volume:
     """Open one dataset of an hdf5 file; with no key, ``volumes/raw`` or the only dataset."""
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise UserError(f"{path} is not a readable hdf5 file ({e})") from e
+    f = open_hdf5_file(path)
     try:
         keys = list_datasets(f)
         if key is None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from collections.abc import Iterator, Mapping, Sequence
+import signal
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +15,7 @@ import h5py
 import numpy as np
 
 from bbem.atomic import atomic_output
-from bbem.errors import UserError
+from bbem.errors import UserError, os_refusals
 from bbem.volumes.base import Volume, check_finite, check_same_shape
 from bbem.volumes.hdf5_io import HDF5_SUFFIXES, open_hdf5
 from bbem.volumes.tiff_io import TIFF_SUFFIXES, open_tiff, sections, tiff_files, write_tiff
@@ -115,6 +118,42 @@ def open_volume(
 # -- writing --------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def hold_interrupts() -> Iterator[Callable[[], None]]:
+    """Hold Ctrl-C while zarr writes are in flight; yield ``check``, to call between blocks.
+
+    zarr writes a block's chunks on its own event-loop thread. A KeyboardInterrupt raised in the
+    main thread mid-write leaves those writes running while the cleanup removes the ``.partial``
+    folder under them: a traceback, and a ``.partial`` left behind. Here the first Ctrl-C only
+    sets a flag and ``check()`` raises KeyboardInterrupt at the next block boundary, when no
+    write is in flight; a second Ctrl-C interrupts at once. Off the main thread (signals cannot
+    be caught there), or under a SIGINT handler someone else installed, nothing is held.
+    """
+    hit = False
+
+    def check() -> None:
+        if hit:
+            raise KeyboardInterrupt
+
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield check
+        return
+
+    def held(signum: int, frame: object) -> None:
+        nonlocal hit
+        hit = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    signal.signal(signal.SIGINT, held)
+    try:
+        yield check
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def iter_blocks(shape: Sequence[int], block: Sequence[int]) -> Iterator[tuple[slice, slice, slice]]:
     """Chunk-aligned blocks covering ``shape``, z-major."""
     for z in range(0, shape[0], block[0]):
@@ -135,16 +174,19 @@ def _check_data(data: Any, name: str) -> None:
         raise UserError(f"{name} is empty (shape {shape}): nothing to write")
 
 
-def _fill(arr: Any, data: Any, name: str) -> None:
-    """Copy ``data`` into a zarr array block by block (so dask/Volume inputs stream)."""
+def _fill(arr: Any, data: Any, name: str, check: Callable[[], None]) -> None:
+    """Copy ``data`` into a zarr array block by block (so dask/Volume inputs stream);
+    ``check`` (see :func:`hold_interrupts`) runs after each write."""
     if isinstance(data, np.ndarray):
         check_finite(data, name)
         arr[...] = data
+        check()
         return
     for sl in iter_blocks(arr.shape, arr.chunks):
         block = np.asarray(data[sl])
         check_finite(block, name, tuple((s.start, s.stop) for s in sl))
         arr[sl] = block
+        check()
 
 
 def write_volume(
@@ -163,22 +205,23 @@ def write_volume(
     """
     path = Path(path)
     _check_data(data, name)
-    with atomic_output(path, overwrite) as tmp:
+    with os_refusals(path), hold_interrupts() as check, atomic_output(path, overwrite) as tmp:
         if path.suffix.lower() in TIFF_SUFFIXES:
             if isinstance(data, np.ndarray):
                 check_finite(data, name)
-            pages = (_checked(s, name) for s in sections(data))
+            pages = (_checked(s, name, check) for s in sections(data))
             write_tiff(tmp, pages, data.shape, data.dtype, voxel_size, offset)
         else:
             group = create_container(tmp)
             arr = init_ome_image(
                 group, data.shape, data.dtype, chunks, voxel_size, offset, name=name
             )
-            _fill(arr, data, name)
+            _fill(arr, data, name, check)
     return path
 
 
-def _checked(section: np.ndarray, name: str) -> np.ndarray:
+def _checked(section: np.ndarray, name: str, check: Callable[[], None]) -> np.ndarray:
+    check()
     check_finite(section, name)
     return section
 
@@ -205,7 +248,7 @@ def write_volumes(
     shapes = {k: tuple(a.shape) for k, a in arrays.items()}
     if len(set(shapes.values())) > 1:
         raise UserError(f"raw and label shapes disagree: {shapes}; they must cover the same voxels")
-    with atomic_output(path, overwrite) as tmp:
+    with os_refusals(path), hold_interrupts() as check, atomic_output(path, overwrite) as tmp:
         root = create_container(tmp)
         for k, a in arrays.items():
             group = root.require_group(k.strip("/"))
@@ -218,7 +261,7 @@ def write_volumes(
                 offset,
                 name=k.strip("/").split("/")[-1],
             )
-            _fill(arr, a, k)
+            _fill(arr, a, k, check)
     return path
 
 
@@ -226,6 +269,7 @@ __all__ = [
     "check_same_shape",
     "default_chunks",
     "detect_format",
+    "hold_interrupts",
     "iter_blocks",
     "open_volume",
     "split_uri",

@@ -8,6 +8,9 @@ resolution tags in centimetres; otherwise 1 nm.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +19,7 @@ import numpy as np
 import tifffile
 import zarr
 
-from bbem.errors import UserError
+from bbem.errors import UserError, one_line
 from bbem.volumes.base import Volume
 
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -102,43 +105,127 @@ def tiff_voxel_size(tif: tifffile.TiffFile) -> tuple[float, float, float] | None
     return (z_nm, *(yx or (1.0, 1.0)))
 
 
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Open a tiff with its damage as a UserError naming ``path``.
+
+    tifffile raises for a file that is no tiff, but only *logs* some damage (a page offset past
+    the end of a truncated file, a shape its pages cannot fill) and then reads what it can, so
+    a cut-off stack would open as fewer sections: its logged errors are made errors here.
+    """
+    log = logging.getLogger("tifffile")
+    handler = _Records()
+    log.addHandler(handler)
+    try:
+        yield
+    except (tifffile.TiffFileError, ValueError, OSError, EOFError) as e:
+        if isinstance(e, UserError):
+            raise
+        raise UserError(
+            f"{path} is not a readable tiff ({type(e).__name__}: {one_line(e)}): check the file, "
+            "or convert the original again if this one was cut short"
+        ) from e
+    finally:
+        log.removeHandler(handler)
+    errors = [r for r in handler.records if r.levelno >= logging.ERROR]
+    if errors:
+        raise UserError(
+            f"{path} is truncated or damaged (tifffile: {_message(errors[0])}): "
+            "restore it from a good copy or convert the original again"
+        )
+    for r in handler.records:  # warnings: shown as tifffile would have shown them
+        log.handle(r)
+
+
+def _message(record: logging.LogRecord) -> str:
+    """A tifffile log message without its leading object repr (``<tifffile.TiffPages @8>``)."""
+    return re.sub(r"^<[^>]*>\s*", "", one_line(record.getMessage()))
+
+
+def _refuse_colour(path: Path, series: tifffile.TiffPageSeries) -> None:
+    """Refuse channel-last colour (y, x, 3) or (z, y, x, 3): it would pass for z, y, x.
+
+    Planar samples (axes ``SYX``) stay readable as z: tifffile itself writes a 3- or 4-section
+    stack that way when no photometric is given.
+    """
+    axes = series.axes
+    if not axes.endswith("S"):
+        return
+    photometric = series.keyframe.photometric.name
+    raise UserError(
+        f"{path} is a colour image ({photometric}, {series.shape[-1]} samples per pixel, shape "
+        f"{series.shape}, axes {axes}): bbem reads greyscale EM (z, y, x); convert it first, "
+        f"e.g. python -c \"import tifffile; tifffile.imwrite('grey.tif', "
+        f"tifffile.imread('{path}').mean(axis=-1).round().astype('uint8'))\" or in ImageJ "
+        "Image > Type > 8-bit"
+    )
+
+
+def _check_sections(files: list[Path]) -> None:
+    """Refuse a tiff folder unless every file is a readable 2D greyscale section of one shape
+    and dtype. Only headers are read; a misfit would otherwise fail deep in a later read."""
+    first: tuple[tuple[int, ...], Any] | None = None
+    for f in files:
+        with _reading(f), tifffile.TiffFile(f) as tif:
+            series = tif.series[0]
+            _refuse_colour(f, series)
+            found = (tuple(series.shape), series.dtype)
+        if len(found[0]) != 2:
+            raise UserError(
+                f"{f} has shape {found[0]}: a folder of tiffs needs one 2D section per file"
+            )
+        if first is None:
+            first = found
+        elif found != first:
+            raise UserError(
+                f"{f} is {found[0]} {found[1]} but {files[0].name} is {first[0]} {first[1]}: "
+                "every section of a tiff folder must have the same shape and dtype; crop, pad or "
+                "convert the odd ones, or move them out of the folder"
+            )
+
+
 def open_tiff(path: Path, uri: str, reopen: Any) -> Volume:
     """Open a multi-page tiff or a folder of 2D tiffs lazily."""
     if path.is_dir():
         files = tiff_files(path)
         if not files:
             raise UserError(f"{path} holds no .tif/.tiff files")
-        try:
-            with tifffile.TiffFile(files[0]) as first:
-                vs = tiff_voxel_size(first)
-                off = tiff_offset(first)
-                page_shape = first.series[0].shape
-            if len(page_shape) != 2:
-                raise UserError(
-                    f"{files[0]} has shape {page_shape}: a folder of tiffs needs one 2D section "
-                    "per file"
-                )
+        _check_sections(files)
+        with _reading(files[0]), tifffile.TiffFile(files[0]) as first:
+            vs = tiff_voxel_size(first)
+            off = tiff_offset(first)
+        with _reading(path):
             seq = tifffile.TiffSequence([str(f) for f in files], pattern=None)
             store = seq.aszarr()
-        except (tifffile.TiffFileError, ValueError) as e:
-            raise UserError(f"{path}: cannot read its tiffs as one stack ({e})") from e
         close = store.close
         fmt = "tiff folder"
     else:
-        try:
+        with _reading(path):
             tif = tifffile.TiffFile(path)
-        except (tifffile.TiffFileError, ValueError) as e:
-            raise UserError(f"{path} is not a readable tiff ({e})") from e
-        vs = tiff_voxel_size(tif)
-        off = tiff_offset(tif)
-        store = tif.series[0].aszarr()
-        shape = tif.series[0].shape
-        if len(shape) == 2:
+        try:
+            with _reading(path):
+                series = tif.series[0]
+                _refuse_colour(path, series)
+                vs = tiff_voxel_size(tif)
+                off = tiff_offset(tif)
+                store = series.aszarr()
+            if len(series.shape) == 2:
+                raise UserError(
+                    f"{path} is a single 2D image {series.shape}: bbem needs 3D volumes; give a "
+                    "multi-page tiff or a folder of sections"
+                )
+        except BaseException:
             tif.close()
-            raise UserError(
-                f"{path} is a single 2D image {shape}: bbem needs 3D volumes; give a "
-                "multi-page tiff or a folder of sections"
-            )
+            raise
 
         def close() -> None:
             store.close()

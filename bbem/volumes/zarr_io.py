@@ -17,7 +17,7 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
-from bbem.errors import UserError
+from bbem.errors import UserError, one_line
 from bbem.volumes.base import Volume
 
 #: Conversion of OME-Zarr axis units to nm.
@@ -136,12 +136,34 @@ def _list_keys(group: zarr.Group) -> list[str]:
     return keys
 
 
+def open_zarr_node(path: Path) -> zarr.Array | zarr.Group:
+    """The zarr array or group at ``path``, read-only; broken metadata is a UserError."""
+    try:
+        return zarr.open(str(path), mode="r")
+    except Exception as e:  # zarr raises several types for broken metadata
+        raise _broken(path, e) from e
+
+
+def _broken(path: Path, e: Exception) -> UserError:
+    return UserError(
+        f"{path} is not a readable zarr store ({type(e).__name__}: {one_line(e)}): its metadata "
+        "(zarr.json, .zarray, .zgroup, .zattrs) is damaged; restore it or convert the original "
+        "again"
+    )
+
+
 def open_zarr(path: Path, key: str | None, level: int, uri: str, reopen: Any) -> Volume:
     """Open a zarr array or group; a group resolves through ``key``, OME multiscales, or CREMI."""
     try:
-        node = zarr.open(str(path), mode="r")
-    except Exception as e:  # zarr raises several types for broken metadata
-        raise UserError(f"{path} is not a readable zarr store ({type(e).__name__}: {e})") from e
+        return _open_zarr(path, key, level, uri, reopen)
+    except UserError:
+        raise
+    except Exception as e:  # a member's metadata can be as broken as the root's
+        raise _broken(path, e) from e
+
+
+def _open_zarr(path: Path, key: str | None, level: int, uri: str, reopen: Any) -> Volume:
+    node = open_zarr_node(path)
     if key:
         if not isinstance(node, zarr.Group):
             raise UserError(f"{path} is a zarr array, not a group: it has no key {key!r}")
@@ -163,7 +185,7 @@ def open_zarr(path: Path, key: str | None, level: int, uri: str, reopen: Any) ->
                     f"{uri} is a zarr group with {len(keys)} datasets: choose one with --key "
                     f"or path/key; it holds: {', '.join(keys) or 'nothing'}"
                 )
-            return open_zarr(path, f"{key.strip('/')}/{pick}" if key else pick, level, uri, reopen)
+            return _open_zarr(path, f"{key.strip('/')}/{pick}" if key else pick, level, uri, reopen)
         arr, vs, off, drop = _multiscale_level(group, ms[0], level, uri)
     else:
         arr = node
