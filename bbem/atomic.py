@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import json
 import os
 import shutil
@@ -56,6 +57,52 @@ _KIND_WORDS = {
     "file": "a file",
     "other": "something that is not a file or folder",
 }
+
+
+#: errno values by which the OS refuses a write the user can fix, and the fix
+_REFUSALS = {
+    errno.EACCES: "choose a folder you may write to",
+    errno.EPERM: "choose a folder you may write to",
+    errno.EROFS: "choose a folder on a writable file system",
+    errno.ENOSPC: "free some space or choose another disk",
+    errno.EDQUOT: "free some space or choose another disk",
+    errno.EFBIG: "choose a file system that allows larger files",
+    errno.ENOTDIR: "a file stands where a folder must be: choose another path",
+    errno.ENAMETOOLONG: "choose a shorter path",
+}
+
+
+@contextlib.contextmanager
+def os_refusals(path: str | os.PathLike) -> Iterator[None]:
+    """Turn the OS refusing to write ``path`` (permission, read-only, disk full) into a UserError.
+
+    :func:`check_writable` asks the OS beforehand, but its answer can be wrong (root, ACLs,
+    network file systems) and a disk can fill up mid-write, so the write itself is guarded too.
+    Outputs written through :func:`atomic_output` leave no ``.partial`` behind.
+    """
+    try:
+        yield
+    except OSError as e:
+        fix = _REFUSALS.get(e.errno) if e.errno is not None else None
+        if fix is None:
+            raise
+        where = f" ({e.filename})" if e.filename and str(e.filename) != os.fspath(path) else ""
+        raise UserError(f"cannot write {path}{where}: {e.strerror}: {fix}") from None
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Refuse, before any work, an output whose folder could not be created or written.
+
+    Looks at the nearest existing ancestor of ``path``: it must be a folder this process may
+    write to. Nothing is created.
+    """
+    anc = Path(path).parent  # relative stays relative, for the message; it ends at "."
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise UserError(f"cannot write {path}: {anc} is a file, not a folder")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {path}: the folder {anc} is not writable")
 
 
 def partial_path(path: str | os.PathLike) -> Path:
@@ -191,8 +238,7 @@ def check_output(
     check_not_input(p, inputs)
     kind = kind or kind_for(p)
     if not (p.exists() or p.is_symlink()):
-        if p.parent.exists() and not p.parent.is_dir():
-            raise UserError(f"cannot write {p}: {p.parent} is a file, not a folder")
+        check_writable(p)
         return p
     if not overwrite:
         raise UserError(f"output {p} exists: choose another path or pass --overwrite")
@@ -231,17 +277,19 @@ def atomic_output(
     the old one is removed just before the rename).
     """
     final = check_output(path, overwrite, kind, inputs)
-    _writable_parent(final)
     tmp = partial_path(final)
-    remove(tmp)
-    try:
-        yield tmp
-    except BaseException:
+    with os_refusals(final):  # the OS may still refuse (root, ACLs, a full disk mid-write)
+        _writable_parent(final)
         remove(tmp)
-        raise
-    if final.is_dir() and not final.is_symlink():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+        try:
+            yield tmp
+            if final.is_dir() and not final.is_symlink():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                remove(tmp)
+            raise
 
 
 # -- locks ----------------------------------------------------------------------------------------
@@ -261,18 +309,10 @@ def _holder(lock: Path) -> str:
         return "another process"
 
 
-@contextlib.contextmanager
-def output_lock(path: str | os.PathLike) -> Iterator[Path]:
-    """Hold an exclusive lock on ``path`` (an output or a run directory) while the block runs.
-
-    The lock is ``fcntl.flock`` on ``<path>.lock``, which names its holder. The kernel releases
-    a flock when its process dies, so a lock left by a killed run is taken over without asking.
-    A second run while the first is alive gets a :class:`UserError` naming the holder.
-    """
+def _open_locked(lock: Path, path: str | os.PathLike) -> int:
+    """A descriptor of ``lock`` holding its exclusive flock; UserError naming a live holder."""
     import fcntl
 
-    lock = lock_path(path)
-    _writable_parent(lock)
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -290,8 +330,22 @@ def output_lock(path: str | os.PathLike) -> Iterator[Path]:
         except FileNotFoundError:
             same = False
         if same:
-            break
+            return fd
         os.close(fd)
+
+
+@contextlib.contextmanager
+def output_lock(path: str | os.PathLike) -> Iterator[Path]:
+    """Hold an exclusive lock on ``path`` (an output or a run directory) while the block runs.
+
+    The lock is ``fcntl.flock`` on ``<path>.lock``, which names its holder. The kernel releases
+    a flock when its process dies, so a lock left by a killed run is taken over without asking.
+    A second run while the first is alive gets a :class:`UserError` naming the holder.
+    """
+    lock = lock_path(path)
+    with os_refusals(lock):
+        _writable_parent(lock)
+        fd = _open_locked(lock, path)
     try:
         info = {
             "pid": os.getpid(),

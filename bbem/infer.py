@@ -46,8 +46,16 @@ from typing import Any
 
 import numpy as np
 
-from bbem.atomic import check_not_input, check_output, kind_for, output_lock, partial_path, remove
-from bbem.errors import UserError, check_writable
+from bbem.atomic import (
+    check_not_input,
+    check_output,
+    check_writable,
+    kind_for,
+    output_lock,
+    partial_path,
+    remove,
+)
+from bbem.errors import UserError
 
 ZYX = tuple[int, int, int]
 

@@ -29,7 +29,7 @@ from bbem.checkpoint import (  # noqa: F401 - re-exported: bbem.model is where u
     save_checkpoint,
     save_torch_file,
 )
-from bbem.errors import UserError, check_writable, os_refusals
+from bbem.errors import UserError
 
 #: The anisotropic default: EM sections are ~10x thicker than pixels, so z is not downsampled in
 #: the first two levels.
@@ -154,7 +154,6 @@ def export_model(
     With ``overwrite``, only an earlier export is replaced (never a training checkpoint).
     """
     check_output(out, overwrite, kind="torch", inputs=[checkpoint])
-    check_writable(out)  # before loading the model: an unwritable path is known at once
     if Path(out).exists():
         old = load_checkpoint(out)
         if old.get("format") != EXPORT_FORMAT:
@@ -169,5 +168,4 @@ def export_model(
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "info": {k: v for k, v in info.items() if k != "model_config"},
     }
-    with os_refusals(out):  # the OS may still refuse the write (root, ACLs, a full disk)
-        return save_torch_file(out, payload, overwrite=overwrite, inputs=[checkpoint])
+    return save_torch_file(out, payload, overwrite=overwrite, inputs=[checkpoint])

@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from bbem.atomic import atomic_output, output_lock, remove
-from bbem.errors import UserError, check_writable
+from bbem.atomic import atomic_output, check_writable, output_lock, remove
+from bbem.errors import UserError
 
 BB_COLUMNS = ("step", "layer", "mode", "unit", "on_rate", "degree", "full_fan", "traffic")
 #: ``bb.summary()`` keys logged as ``bb_<key>`` columns of metrics.csv, by every training job.

@@ -31,7 +31,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from bbem.atomic import atomic_output, check_not_input, check_output, output_lock
-from bbem.errors import UserError, check_writable, os_refusals
+from bbem.errors import UserError
 
 DEFAULT_SHAPE = (32, 256, 256)
 DEFAULT_VOXEL_SIZE = (40.0, 4.0, 4.0)
@@ -563,7 +563,7 @@ def preview_png(
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    with os_refusals(path), atomic_output(path, overwrite) as tmp:
+    with atomic_output(path, overwrite, kind="png") as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
     return Path(path)
@@ -583,15 +583,12 @@ def synth_from_cli(
     from bbem.volumes import write_volumes
 
     check_output(output, overwrite)
-    check_writable(output)
     if preview is not None:
         if Path(preview).suffix.lower() != ".png":
             raise UserError(f"--preview must name a .png file, got {preview}")
         check_output(preview, overwrite, kind="png")
         check_not_input(preview, [output])  # the volume's rename would take the preview along
-        check_writable(preview)  # refused now, not after the volume is written
     with (
-        os_refusals(output),
         output_lock(output),
         Progress(
             SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=True

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from bbem.atomic import atomic_output, check_output
-from bbem.errors import UserError, check_writable, os_refusals
+from bbem.errors import UserError
 from bbem.metrics.cremi import CremiDistances
 from bbem.metrics.objects import Objects, Overlaps, object_metrics
 from bbem.metrics.voxel import PRHistogram, as_levels, check_prediction_dtype, cleft_mask
@@ -228,7 +228,6 @@ def evaluate_from_cli(
     outs = [(p, k) for p, k in ((json_path, "json"), (plot_path, "png")) if p]
     for path, kind in outs:
         check_output(path, overwrite, kind=kind, inputs=inputs)
-        check_writable(path)  # refused now, not after the evaluation
     if json_path and plot_path and Path(json_path).resolve() == Path(plot_path).resolve():
         raise UserError("--json and --plot name the same file: give each its own path")
 
@@ -257,7 +256,7 @@ def evaluate_from_cli(
 
 def write_json(result: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write a result as strict JSON (no NaN or Infinity: those become null), atomically."""
-    with os_refusals(path), atomic_output(path, overwrite=True, kind="json") as tmp:
+    with atomic_output(path, overwrite=True, kind="json") as tmp:
         tmp.write_text(json.dumps(_json_safe(result), indent=2, allow_nan=False) + "\n")
     return Path(path)
 

@@ -15,13 +15,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from bbem.atomic import atomic_output
-from bbem.errors import os_refusals
 
 
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 120) -> Path:
     """Write ``fig`` as PNG atomically (temporary name, then rename)."""
     FigureCanvasAgg(fig)
-    with os_refusals(path), atomic_output(path, overwrite=True, kind="png") as tmp:
+    with atomic_output(path, overwrite=True, kind="png") as tmp:
         fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
     return Path(path)
 

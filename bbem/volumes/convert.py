@@ -27,7 +27,7 @@ from rich.progress import (
 )
 
 from bbem.atomic import atomic_output, check_output, output_lock
-from bbem.errors import UserError, os_refusals
+from bbem.errors import UserError
 from bbem.volumes.base import Volume, check_finite, check_same_shape
 from bbem.volumes.hdf5_io import list_datasets, open_hdf5_file
 from bbem.volumes.io import detect_format, hold_interrupts, iter_blocks, open_volume, split_uri
@@ -130,7 +130,7 @@ def convert(
     """
     out = Path(output)
     check_output(out, overwrite, inputs=[input])
-    with os_refusals(out), output_lock(out), hold_interrupts() as check:
+    with output_lock(out), hold_interrupts() as check:
         return _convert(input, out, key, chunks, overwrite, max_memory, progress, check)
 
 

@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 
 from bbem.atomic import atomic_output
-from bbem.errors import UserError, os_refusals
+from bbem.errors import UserError
 from bbem.volumes.base import Volume, check_finite, check_same_shape
 from bbem.volumes.hdf5_io import HDF5_SUFFIXES, open_hdf5
 from bbem.volumes.tiff_io import TIFF_SUFFIXES, open_tiff, sections, tiff_files, write_tiff
@@ -205,7 +205,7 @@ def write_volume(
     """
     path = Path(path)
     _check_data(data, name)
-    with os_refusals(path), hold_interrupts() as check, atomic_output(path, overwrite) as tmp:
+    with hold_interrupts() as check, atomic_output(path, overwrite) as tmp:
         if path.suffix.lower() in TIFF_SUFFIXES:
             if isinstance(data, np.ndarray):
                 check_finite(data, name)
@@ -248,7 +248,7 @@ def write_volumes(
     shapes = {k: tuple(a.shape) for k, a in arrays.items()}
     if len(set(shapes.values())) > 1:
         raise UserError(f"raw and label shapes disagree: {shapes}; they must cover the same voxels")
-    with os_refusals(path), hold_interrupts() as check, atomic_output(path, overwrite) as tmp:
+    with hold_interrupts() as check, atomic_output(path, overwrite) as tmp:
         root = create_container(tmp)
         for k, a in arrays.items():
             group = root.require_group(k.strip("/"))
