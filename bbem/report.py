@@ -76,8 +76,9 @@ def _write_report(rd: RunDir, out: Path) -> dict[str, Any]:
 
     rows = rd.read_metrics()
     table = _columns(rows)
+    loss = _columns(rd.read_loss())
     if table:
-        plots["curves"] = str(_plot_curves(table, out / "curves.png", _title(rd, config)))
+        plots["curves"] = str(_plot_curves(table, out / "curves.png", _title(rd, config), loss))
     else:
         notes.append("metrics.csv is absent or empty: no training curves")
 
@@ -312,7 +313,40 @@ def _title(rd: RunDir, config: Mapping[str, Any]) -> str:
 # -- plots -----------------------------------------------------------------------------------------
 
 
-def _plot_curves(table: Mapping[str, np.ndarray], path: Path, title: str) -> Path:
+def smooth(values: np.ndarray, span: int) -> np.ndarray:
+    """Exponential moving average with pandas' ``span`` convention, debiased at the start."""
+    alpha = 2.0 / (span + 1.0)
+    out = np.empty(len(values))
+    num = den = 0.0
+    for i, v in enumerate(np.asarray(values, float)):
+        num = (1 - alpha) * num + alpha * v
+        den = (1 - alpha) * den + alpha
+        out[i] = num / den
+    return out
+
+
+def _plot_loss(ax: Any, loss: Mapping[str, np.ndarray]) -> None:
+    """loss.csv: every row faint, smoothed on top, learning rate on a second axis."""
+    step, y = loss["step"], loss["loss"]
+    span = max(5, len(y) // 25)
+    ax.plot(step, y, color="C0", alpha=0.25, lw=0.8, label="train loss")
+    ax.plot(step, smooth(y, span), color="C0", lw=1.8, label=f"smoothed (EMA, span {span})")
+    ax.set(title="training loss", xlabel="step", ylabel="loss")
+    if "lr" in loss:
+        lr_ax = ax.twinx()
+        lr_ax.plot(step, loss["lr"], color="C3", lw=1.0, ls="--", label="learning rate")
+        lr_ax.set_ylabel("learning rate", color="C3")
+        lr_ax.tick_params(axis="y", colors="C3")
+        lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    ax.legend(loc="upper right", fontsize=8)
+
+
+def _plot_curves(
+    table: Mapping[str, np.ndarray],
+    path: Path,
+    title: str,
+    loss: Mapping[str, np.ndarray] | None = None,
+) -> Path:
     step = table["step"]
     val = [k for k in table if _is_score(k) and "loss" not in k]
     losses = [k for k in ("train_loss", "val_loss") if k in table]
@@ -326,7 +360,9 @@ def _plot_curves(table: Mapping[str, np.ndarray], path: Path, title: str) -> Pat
     fig = Figure(figsize=(5.2 * len(panels), 4.0), layout="constrained")
     for i, panel in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
-        if panel == "loss":
+        if panel == "loss" and loss and len(loss.get("step", ())) > 1:
+            _plot_loss(ax, loss)
+        elif panel == "loss":
             for k in losses:
                 ax.plot(step, table[k], marker="o", ms=3, label=k)
             lo = min(np.nanmin(table[k]) for k in losses)

@@ -5,6 +5,7 @@ Layout::
     RUN_DIR/config.yaml          resolved config
     RUN_DIR/train.log            log file
     RUN_DIR/metrics.csv          one row per evaluation (always step, time_s, train_loss, density)
+    RUN_DIR/loss.csv             step,loss,lr,time_s every ``train.log_every`` steps
     RUN_DIR/bb.csv               step,layer,mode,unit,on_rate,degree,full_fan,traffic
     RUN_DIR/checkpoints/         last.pt, best.pt (see bbem.model for the format)
     RUN_DIR/report/              made by `bbem report`
@@ -32,6 +33,7 @@ import yaml
 from bbem.atomic import atomic_output, check_writable, output_lock, remove
 from bbem.errors import UserError
 
+LOSS_COLUMNS = ("step", "loss", "lr", "time_s")
 BB_COLUMNS = ("step", "layer", "mode", "unit", "on_rate", "degree", "full_fan", "traffic")
 #: ``bb.summary()`` keys logged as ``bb_<key>`` columns of metrics.csv, by every training job.
 BB_SUMMARY_KEYS = ("param_density", "on_rate_mean", "entropy_mean", "balance_r2")
@@ -49,6 +51,7 @@ class RunDir:
         self.path = Path(path)
         self.metrics_csv = self.path / "metrics.csv"
         self.bb_csv = self.path / "bb.csv"
+        self.loss_csv = self.path / "loss.csv"
         self.checkpoints = self.path / "checkpoints"
         self._stack = contextlib.ExitStack()
         self._created: bool | None = None  # True: made here; False: an empty folder was there
@@ -151,13 +154,20 @@ class RunDir:
 
     def truncate_after(self, step: int) -> None:
         """Drop rows with a step larger than ``step`` (the checkpoint a resumed run starts from)."""
-        for path in (self.metrics_csv, self.bb_csv):
+        for path in (self.metrics_csv, self.bb_csv, self.loss_csv):
             if not path.is_file():
                 continue
             header, rows = _read(path)
             kept = [r for r in rows if r.get("step", "") == "" or int(float(r["step"])) <= step]
             # always rewrite: this also drops a row a kill left half-written
             _write(path, header, kept)
+
+    def append_loss(self, row: Mapping[str, Any]) -> None:
+        """Append one training-loss row (``step, loss, lr, time_s``)."""
+        _append_rows(self.loss_csv, [dict(row)], header=LOSS_COLUMNS)
+
+    def read_loss(self) -> list[dict[str, str]]:
+        return _read(self.loss_csv)[1] if self.loss_csv.is_file() else []
 
     def read_metrics(self) -> list[dict[str, str]]:
         return _read(self.metrics_csv)[1] if self.metrics_csv.is_file() else []

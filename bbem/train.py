@@ -191,6 +191,7 @@ def train(
 
         step, best, elapsed0 = 0, -1.0, 0.0
         pending: list[float] = []
+        window: list[float] = []  # losses since the last loss.csv row
         if resume is not None:
             last = rd.checkpoint_path("last")
             if last.is_file():
@@ -208,6 +209,7 @@ def train(
                 step, best = int(ck["step"]), float(ck.get("best", -1.0))
                 elapsed0 = float(ck.get("elapsed_s", 0.0))
                 pending = list(ck.get("pending_losses", []))
+                window = list(ck.get("pending_log", []))
             rd.truncate_after(step)
             rd.log.info("resumed at step %d", step)
             if step >= cfg.train.steps:
@@ -236,6 +238,7 @@ def train(
                     "elapsed_s": time.perf_counter() - t0,
                     # losses since the last evaluation, so a resumed run averages the same steps
                     "pending_losses": list(losses),
+                    "pending_log": list(window),
                 },
             )
 
@@ -264,6 +267,17 @@ def train(
                         f"training diverged at step {step} (loss {loss.item()}): lower optim.lr"
                     )
                 losses.append(loss.item())
+                window.append(loss.item())
+                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                    rd.append_loss(
+                        {
+                            "step": step,
+                            "loss": round(float(np.mean(window)), 6),
+                            "lr": opt.param_groups[0]["lr"],
+                            "time_s": round(time.perf_counter() - t0, 2),
+                        }
+                    )
+                    window = []
                 density = bb.density() if bb is not None else 1.0
                 bar.update(step, loss=losses[-1], density=density, pr_auc=last_val.get("pr_auc"))
 

@@ -59,7 +59,14 @@ def _config(volumes: Path, tmp: Path, **bb) -> Path:
         "bb": bb or {"method": "dense"},
         "augment": {"elastic": 0.0},
         "optim": {"lr": 3e-3, "warmup_steps": 2},
-        "train": {"steps": 6, "eval_every": 3, "checkpoint_every": 2, "seed": 0, "device": "cpu"},
+        "train": {
+            "steps": 6,
+            "eval_every": 3,
+            "checkpoint_every": 2,
+            "log_every": 1,
+            "seed": 0,
+            "device": "cpu",
+        },
     }
     path = tmp / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -164,6 +171,11 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(volumes, tmp_path):
             if k != "time_s":
                 assert a[k] == b[k], (k, a[k], b[k])
     assert _rows(base / "bb.csv") == _rows(run / "bb.csv")
+    drop_time = [{k: v for k, v in r.items() if k != "time_s"} for r in _rows(base / "loss.csv")]
+    assert [r["step"] for r in drop_time] == [str(s) for s in range(1, 7)]
+    assert drop_time == [
+        {k: v for k, v in r.items() if k != "time_s"} for r in _rows(run / "loss.csv")
+    ]
 
 
 @pytest.mark.parametrize(
