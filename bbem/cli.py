@@ -188,8 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--threshold",
         type=float,
-        default=0.5,
-        help="threshold for object and CREMI measures (default 0.5)",
+        default=None,
+        help="threshold for object and CREMI measures (default: the validation threshold "
+        "bbem infer stored with the prediction, else 0.5)",
     )
     s.add_argument("--min-size", type=int, help="smallest object in voxels (default 100)")
     s.add_argument(

@@ -762,6 +762,9 @@ def predict_volume(
             prob_path, label_path, complete = _prepare_work(
                 work, output, manifest, vol, plan, threshold, resume=resume
             )
+            from bbem.metrics.threshold import store_thresholds
+
+            store_thresholds(work, (info.get("metrics") or {}).get("threshold_best"), threshold)
             job = _Job(
                 input=input_s,
                 key=key,

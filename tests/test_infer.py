@@ -534,3 +534,34 @@ def test_export_bakes_bb_masks(tmp_path: Path):
         if w.ndim == 5
     )
     assert zero_slabs > 0
+
+
+def test_validation_threshold_travels_with_the_prediction(tmp_path, raw, capsys):
+    from bbem.metrics import evaluate_from_cli
+    from bbem.metrics.threshold import stored_threshold
+    from bbem.volumes import write_volume
+
+    torch.manual_seed(0)
+    ck = tmp_path / "t.pt"
+    info = {"config": {"data": {"patch_size": list(ROI)}}, "metrics": {"threshold_best": 0.3}}
+    torch.save(
+        {
+            "format": EXPORT_FORMAT,
+            "model_config": TINY,
+            "state_dict": build_model(TINY).state_dict(),
+            "info": info,
+        },
+        ck,
+    )
+    out = predict_volume(ck, raw[0], tmp_path / "p.zarr", progress=False)
+    assert stored_threshold(out) == pytest.approx(0.3)
+    assert stored_threshold(raw[0]) is None  # a volume bbem infer did not write
+    truth = np.zeros(raw[1].shape, np.uint8)
+    truth[2:5, 10:20, 10:20] = 1
+    write_volume(tmp_path / "t.zarr", truth, voxel_size=VOXEL, offset=OFFSET)
+    capsys.readouterr()
+    r = evaluate_from_cli(str(out), str(tmp_path / "t.zarr"), cremi=False)
+    assert r["protocol"]["threshold"] == pytest.approx(0.3)
+    assert "stored with the prediction" in capsys.readouterr().out
+    r = evaluate_from_cli(str(out), str(tmp_path / "t.zarr"), threshold=0.7, cremi=False)
+    assert r["protocol"]["threshold"] == pytest.approx(0.7)

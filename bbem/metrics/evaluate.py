@@ -33,6 +33,7 @@ from bbem.atomic import atomic_output, check_output
 from bbem.errors import UserError
 from bbem.metrics.cremi import CremiDistances
 from bbem.metrics.objects import Objects, Overlaps, object_metrics
+from bbem.metrics.threshold import stored_threshold
 from bbem.metrics.voxel import PRHistogram, as_levels, check_prediction_dtype, cleft_mask
 
 #: PR-AUC where the truth holds no cleft voxel (printed; the JSON holds null)
@@ -211,7 +212,7 @@ def evaluate_from_cli(
     json_path: str | None = None,
     plot_path: str | None = None,
     margin: Sequence[int] | None = None,
-    threshold: float = 0.5,
+    threshold: float | None = None,
     overwrite: bool = False,
     **options: Any,
 ) -> dict[str, Any]:
@@ -233,6 +234,14 @@ def evaluate_from_cli(
 
     pred_v = open_volume(prediction)
     truth_v = open_volume(truth)
+    if threshold is None:
+        threshold = stored_threshold(prediction)
+        print(
+            f"threshold {threshold:.3f}: the one validation chose, stored with the prediction"
+            if threshold is not None
+            else "threshold 0.5: the prediction carries none (give --threshold to choose)"
+        )
+        threshold = 0.5 if threshold is None else threshold
     mask_v = open_volume(mask) if mask else None
     options = {k: v for k, v in options.items() if v is not None}
     result = evaluate(
