@@ -56,6 +56,7 @@ def _infer(a: argparse.Namespace) -> None:
         overwrite=a.overwrite,
         key=a.key,
         threshold=a.threshold,
+        min_size=a.min_size,
     )
 
 
@@ -168,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--threshold",
         help="also write labels p >= this value; 'val' uses the threshold validation chose",
+    )
+    s.add_argument(
+        "--min-size",
+        type=int,
+        default=100,
+        help="labels: remove objects smaller than this many voxels (0 keeps all; default 100)",
     )
     g = s.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="finish an interrupted run")

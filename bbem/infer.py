@@ -70,6 +70,9 @@ MAX_TIFF_VOXELS = 2**30
 #: How long an existing Dask scheduler may take to show a worker before we give up.
 WORKER_WAIT_S = 5
 DONE_DIR = ".bbem_done"
+#: Label objects smaller than this (voxels) are removed: bbem evaluate's default, so what
+#: infer labels is what evaluate counts.
+DEFAULT_MIN_SIZE = 100
 MANIFEST = ".bbem_run.json"
 #: 2: the record also names the input file's size and modification time
 MANIFEST_VERSION = 2
@@ -452,7 +455,13 @@ def _is_tiff(path: Path) -> bool:
 
 
 def _manifest(
-    checkpoint: str | None, input: str, key: str | None, plan: Plan, tta: bool, threshold: Any
+    checkpoint: str | None,
+    input: str,
+    key: str | None,
+    plan: Plan,
+    tta: bool,
+    threshold: Any,
+    min_size: int = 0,
 ) -> dict[str, Any]:
     ck: dict[str, Any] = {"path": checkpoint}
     if checkpoint is not None:
@@ -470,6 +479,7 @@ def _manifest(
         "plan": {k: list(v) for k, v in asdict(plan).items()},
         "tta": bool(tta),
         "threshold": threshold,
+        "min_size": min_size if threshold is not None else None,
         "complete": False,
     }
 
@@ -489,7 +499,11 @@ def _read_manifest(path: Path, what: Path, fix: str) -> dict[str, Any] | None:
 
 def _mismatch(old: Mapping[str, Any], new: Mapping[str, Any]) -> str | None:
     """How the run recorded in ``old`` differs from the one ``new`` describes, or None."""
-    keys = sorted(k for k in set(old) | set(new) if k != "complete" and old.get(k) != new.get(k))
+    keys = sorted(
+        k
+        for k in set(old) | set(new)
+        if k not in ("complete", "small_removed") and old.get(k) != new.get(k)
+    )
     if not keys:
         return None
     if "input" in keys or "key" in keys:
@@ -589,13 +603,24 @@ def _resume_record(work: Path, output: Path, manifest: Mapping[str, Any]) -> dic
     return old
 
 
-def _finish(work: Path, output: Path, plan: Plan, label_path: str | None) -> None:
+def _finish(
+    work: Path, output: Path, plan: Plan, label_path: str | None, min_size: int = 0
+) -> None:
     """Drop the markers and rename; a tiff output is written from the finished store.
 
     A zarr output keeps the run record (:data:`MANIFEST`, marked complete) inside it.
     """
     man_path = work / MANIFEST
     man = json.loads(man_path.read_text())
+    if label_path is not None and min_size > 0 and not man.get("small_removed"):
+        import zarr
+
+        from bbem.metrics.objects import remove_small_objects
+
+        # Blocks label voxels independently; objects are whole only once every block is done.
+        remove_small_objects(zarr.open_array(label_path, mode="r+"), min_size, slab=plan.block[0])
+        man["small_removed"] = True
+        _write_json(man_path, man)
     man["complete"] = True
     _write_json(man_path, man)
     shutil.rmtree(work / DONE_DIR, ignore_errors=True)
@@ -670,6 +695,7 @@ def predict_volume(
     key: str | None = None,
     threshold: float | str | None = None,
     roi_size: Sequence[int] | None = None,
+    min_size: int = DEFAULT_MIN_SIZE,
     progress: bool = True,
 ) -> Path:
     """Predict cleft probabilities over ``input`` (z, y, x) block by block; return ``output``.
@@ -735,7 +761,9 @@ def predict_volume(
             )
         normalize_raw(np.zeros(1, dtype=vol.dtype))  # refuse e.g. int64 raw before any work
         plan = make_plan(vol.shape, factor, block, halo, roi_size)
-        manifest = _manifest(ckpt, input_s, key, plan, tta, threshold)
+        if int(min_size) < 0:
+            raise UserError(f"--min-size must be 0 or more voxels, got {min_size}")
+        manifest = _manifest(ckpt, input_s, key, plan, tta, threshold, int(min_size))
         if finished:
             _check_finished(output, manifest)
             if progress:
@@ -764,7 +792,8 @@ def predict_volume(
             )
             from bbem.metrics.threshold import store_thresholds
 
-            store_thresholds(work, (info.get("metrics") or {}).get("threshold_best"), threshold)
+            tv = (info.get("metrics") or {}).get("threshold_best")
+            store_thresholds(work, tv, threshold, int(min_size) if threshold is not None else None)
             job = _Job(
                 input=input_s,
                 key=key,
@@ -785,7 +814,7 @@ def predict_volume(
                 else:
                     where = _run_dask(job, todo, ckpt, model, client, bar)
             seconds = time.perf_counter() - t0
-            _finish(work, output, plan, label_path)
+            _finish(work, output, plan, label_path, int(min_size))
             succeeded = True
         finally:
             if client is not None:
@@ -1102,6 +1131,7 @@ def infer_from_cli(
     overwrite: bool = False,
     key: str | None = None,
     threshold: float | str | None = None,
+    min_size: int = DEFAULT_MIN_SIZE,
 ) -> Path:
     """``bbem infer``: see :func:`predict_volume`."""
     return predict_volume(
@@ -1117,4 +1147,5 @@ def infer_from_cli(
         overwrite=overwrite,
         key=key,
         threshold=threshold,
+        min_size=min_size,
     )

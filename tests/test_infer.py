@@ -565,3 +565,25 @@ def test_validation_threshold_travels_with_the_prediction(tmp_path, raw, capsys)
     assert "stored with the prediction" in capsys.readouterr().out
     r = evaluate_from_cli(str(out), str(tmp_path / "t.zarr"), threshold=0.7, cremi=False)
     assert r["protocol"]["threshold"] == pytest.approx(0.7)
+
+
+def test_labels_drop_objects_smaller_than_min_size(tmp_path, export, raw):
+    import cc3d
+
+    from bbem.volumes import open_volume
+
+    prob = _read(predict_volume(export, raw[0], tmp_path / "p.zarr", progress=False))
+    t = float(np.quantile(prob, 0.8)) / 255  # a threshold that leaves many small specks
+
+    def sizes(min_size: int) -> np.ndarray:
+        out = tmp_path / f"l{min_size}.zarr"
+        predict_volume(
+            export, raw[0], out, threshold=t, min_size=min_size, block=(4, 16, 16), progress=False
+        )
+        lab = open_volume(out / "labels" / "clefts").read()
+        return np.asarray(cc3d.statistics(cc3d.connected_components(lab > 0))["voxel_counts"][1:])
+
+    everything = sizes(0)
+    assert (everything < 20).any() and (everything >= 20).any()  # the test can fail
+    kept = sizes(20)
+    assert kept.min() >= 20 and sorted(kept) == sorted(everything[everything >= 20])

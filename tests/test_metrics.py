@@ -493,3 +493,18 @@ def test_cremi_property_any_slab_depth(seed, depth, vs, density):
     if ref["adf"].size:
         assert r["adf"]["mean"] == pytest.approx(ref["adf"].mean(), rel=1e-9, abs=1e-12)
         assert r["adf"]["median"] == pytest.approx(np.median(ref["adf"]))
+
+
+@pytest.mark.parametrize("slab", [1, 3, 7])
+def test_remove_small_objects_matches_cc3d_dust(rng, slab):
+    import cc3d
+
+    from bbem.metrics.objects import remove_small_objects
+
+    for _ in range(5):
+        m = (rng.random((13, 24, 20)) < 0.3).astype(np.uint8)
+        want = cc3d.dust(m.astype(bool), threshold=6, connectivity=26)
+        got = m.copy()
+        kept, removed = remove_small_objects(got, 6, 26, slab=slab)
+        assert np.array_equal(got != 0, want)
+        assert kept + removed == cc3d.connected_components(m, connectivity=26).max()

@@ -144,6 +144,38 @@ class Objects:
         return np.arange(1, m + 1), s, c / np.maximum(s, 1)[:, None], final
 
 
+def remove_small_objects(
+    mask: Any, min_size: int, connectivity: int = 26, slab: int = 16
+) -> tuple[int, int]:
+    """Zero the connected components of ``mask`` (a writable ``[Z, Y, X]`` array, e.g. zarr,
+    nonzero = object) smaller than ``min_size`` voxels, streamed in z-slabs of ``slab`` sections.
+
+    Two passes, one slab in memory: the first measures every component of the whole volume
+    (:class:`Objects` joins pieces across slab faces), the second relabels each slab the same
+    way and clears the small ones. Returns ``(kept, removed)`` component counts.
+    """
+    z = int(mask.shape[0])
+    objs = Objects("components", connectivity)
+    offsets = []
+    for z0 in range(0, z, slab):
+        _, offset = objs.add(np.asarray(mask[z0 : z0 + slab]) != 0, z0)
+        offsets.append(offset)
+    _, sizes, _, final = objs.finish()
+    small = sizes < min_size
+    if not small.any():
+        return int(sizes.size), 0
+    for z0, offset in zip(range(0, z, slab), offsets, strict=True):
+        block = np.asarray(mask[z0 : z0 + slab])
+        lab = cc3d.connected_components(block != 0, connectivity=connectivity, out_dtype=np.uint32)
+        on = lab > 0
+        clear = np.zeros_like(on)
+        clear[on] = small[final[lab[on].astype(np.int64) + offset]]
+        if clear.any():
+            block[clear] = 0
+            mask[z0 : z0 + slab] = block
+    return int((~small).sum()), int(small.sum())
+
+
 def _globalise(plane: np.ndarray, offset: int) -> np.ndarray:
     g = plane.astype(np.int64)
     g[g > 0] += offset

@@ -14,13 +14,17 @@ from pathlib import Path
 THRESHOLD_ATTR = "bbem"
 
 
-def store_thresholds(store: Path, validation: float | None, labels: float | None) -> None:
+def store_thresholds(
+    store: Path, validation: float | None, labels: float | None, min_size: int | None = None
+) -> None:
     """Record with a zarr prediction the threshold validation chose for its model, and the one
-    its labels were made at, so ``bbem evaluate`` and napari default to them rather than 0.5."""
+    (and the smallest object size) its labels were made with, so ``bbem evaluate`` and napari
+    default to them rather than 0.5."""
     import zarr
 
     attrs = {"threshold_val": None if validation is None else float(validation)}
     attrs["labels_threshold"] = None if labels is None else float(labels)
+    attrs["labels_min_size"] = min_size
     zarr.open_group(store, mode="a").attrs.update({THRESHOLD_ATTR: attrs})
 
 
