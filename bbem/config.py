@@ -555,6 +555,8 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> RunCo
         raise UserError(f"config file {p} not found: pass a YAML config such as configs/demo.yaml")
     try:
         raw = yaml.safe_load(p.read_text())
+    except UnicodeDecodeError:
+        raise UserError(f"config file {p} is not text: pass a YAML config") from None
     except yaml.YAMLError as e:
         first = " ".join(str(e).split())
         raise UserError(f"config file {p} is not valid YAML: {first}") from None

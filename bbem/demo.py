@@ -35,7 +35,11 @@ def run(config: str, run_dir: str, overrides: list[str]) -> dict:
     cfg = load_config(config, overrides)
     rd = Path(run_dir)
     if rd.exists():
-        shutil.rmtree(rd)  # the demo's own folder: a rerun starts fresh
+        if not (rd / "config.yaml").is_file() and any(rd.iterdir()):
+            raise UserError(
+                f"{rd} exists and is not a run directory: choose another --run-dir for the demo"
+            )
+        shutil.rmtree(rd)  # an earlier demo run: a rerun starts fresh
     t0 = time.perf_counter()
     result = train(cfg, run_dir=rd)
     train_s = time.perf_counter() - t0

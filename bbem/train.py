@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bbem.atomic import check_not_input
 from bbem.config import RunConfig, load_config, resolve_volumes
 from bbem.errors import UserError
 from bbem.model import attach_from_config, build_model, load_checkpoint, save_checkpoint
@@ -165,6 +166,8 @@ def train(
         rd = RunDir.open(resume)
     else:
         path = run_dir or Path("runs") / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
+        data = [cfg.data.resolve(v.path) for v in (*cfg.data.train, *cfg.data.val)]
+        check_not_input(path, data)  # a run directory inside a zarr input would alter it
         rd = RunDir.create(path, cfg.to_dict())
     with rd:
         device = pick_device(cfg.train.device)
@@ -216,6 +219,11 @@ def train(
                 raise UserError(f"run {rd.path} already finished ({step} steps): nothing to resume")
 
         val_volumes = load_val_volumes(cfg)
+        if not any(lab.any() for _, lab, _ in val_volumes):
+            raise UserError(
+                "the validation volumes hold no cleft voxels, so PR-AUC is undefined and no "
+                "checkpoint or threshold can be chosen: give data.val a box with synapses"
+            )
         rd.log.info("training %s on %s: %d steps", cfg.name, device, cfg.train.steps)
         t0 = time.perf_counter() - elapsed0
         losses: list[float] = pending

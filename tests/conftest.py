@@ -26,8 +26,13 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(0)
 
 
-def run_bbem(*args: str, cwd: str | os.PathLike | None = None, timeout: float = 300):
-    """Run the ``bbem`` command as a user would (a subprocess); the CompletedProcess."""
+def run_bbem(
+    *args: object,
+    cwd: str | os.PathLike | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+):
+    """Run the ``bbem`` command as a user would (a subprocess, one torch thread); the result."""
     import subprocess
     import sys
 
@@ -37,6 +42,7 @@ def run_bbem(*args: str, cwd: str | os.PathLike | None = None, timeout: float = 
         text=True,
         cwd=cwd,
         timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
     )
 
 

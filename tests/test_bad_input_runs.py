@@ -16,40 +16,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import yaml
+from conftest import assert_user_error, run_bbem, tree_digest
 from test_infer import _raw, _write
 from test_train import _config, _volume
 
 #: demo-like strides (downsampling 2,8,8): a 2x8x8 volume reaches the bottleneck as one voxel
 MODEL = {"channels": [4, 4, 8, 8], "strides": [[1, 2, 2], [1, 2, 2], [2, 2, 2]], "num_res_units": 0}
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def bbem(*args: object) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "bbem", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=300,
-    )
-
-
-def one_error(r: subprocess.CompletedProcess, cmd: str) -> str:
-    """The single error line of a failed command (exit 2, no traceback)."""
-    assert "Traceback" not in r.stderr, r.stderr
-    assert r.returncode == 2, (r.returncode, r.stderr)
-    lines = r.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"bbem {cmd}: error: "), r.stderr
-    return lines[0]
-
-
-def snapshot(path: Path) -> dict[str, bytes]:
-    """Every file under ``path`` (or the file itself) by relative name, with its bytes."""
-    if path.is_file():
-        return {"": path.read_bytes()}
-    return {
-        str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()
-    }
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +60,9 @@ def d(tmp_path_factory) -> SimpleNamespace:
 
 
 def test_train_run_dir_under_a_file(d):
-    err = one_error(bbem("train", d.config, "--run-dir", d.afile / "sub" / "run"), "train")
+    err = assert_user_error(
+        run_bbem("train", d.config, "--run-dir", d.afile / "sub" / "run"), "train"
+    )
     assert "is a file, not a folder" in err and "--run-dir" in err
     assert d.afile.read_text() == "not a folder\n"
 
@@ -103,7 +77,7 @@ def test_train_read_only_run_dir(d, tmp_path):
         pass
     else:
         pytest.skip("this user writes into read-only folders (root): chmod cannot stop it")
-    err = one_error(bbem("train", d.config, "--run-dir", ro / "run"), "train")
+    err = assert_user_error(run_bbem("train", d.config, "--run-dir", ro / "run"), "train")
     assert "not writable" in err or "Permission denied" in err
     assert list(ro.iterdir()) == []
 
@@ -126,10 +100,10 @@ def test_train_write_refused_by_the_os_is_one_line(d, tmp_path):
         [sys.executable, "-c", code, "train", str(d.config), "--run-dir", str(run)],
         capture_output=True,
         text=True,
-        env=ENV,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
         timeout=300,
     )
-    err = one_error(r, "train")
+    err = assert_user_error(r, "train")
     assert "Permission denied" in err and "choose a writable --run-dir" in err
     assert not run.exists()  # the failed start is gone: the same --run-dir can be used again
 
@@ -141,18 +115,20 @@ def test_train_resume_with_another_model_config(d, tmp_path):
     cfg["model"]["channels"] = [6, 6, 8, 8]
     cfg["train"]["steps"] = 4  # not finished: the mismatch is the only problem
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
-    before = snapshot(run)
-    err = one_error(bbem("train", "--resume", run), "train")
+    before = tree_digest(run)
+    err = assert_user_error(run_bbem("train", "--resume", run), "train")
     assert "does not fit the model config" in err and "model.channels" in err
-    assert snapshot(run) == before
+    assert tree_digest(run) == before
 
 
 def test_train_failed_start_does_not_block_the_corrected_command(d, tmp_path):
     run = tmp_path / "run"
-    bad = bbem("train", d.config, "--set", "data.val.0.label_key=volumes/nope", "--run-dir", run)
-    assert "volumes/nope" in one_error(bad, "train")
+    bad = run_bbem(
+        "train", d.config, "--set", "data.val.0.label_key=volumes/nope", "--run-dir", run
+    )
+    assert "volumes/nope" in assert_user_error(bad, "train")
     assert not run.exists()
-    good = bbem("train", d.config, "--run-dir", run)
+    good = run_bbem("train", d.config, "--run-dir", run)
     assert good.returncode == 0, good.stderr
     assert (run / "checkpoints" / "last.pt").is_file()
 
@@ -163,7 +139,7 @@ def test_train_failed_start_does_not_block_the_corrected_command(d, tmp_path):
 def test_infer_volume_smaller_than_a_window(d, tmp_path):
     small = _write(tmp_path / "small.zarr", _raw(np.random.default_rng(1), (2, 8, 8)))
     out = tmp_path / "o.zarr"
-    err = one_error(bbem("infer", d.ckpt, small, out), "infer")
+    err = assert_user_error(run_bbem("infer", d.ckpt, small, out), "infer")
     assert "too small" in err and "2,16,16" in err
     assert list(tmp_path.iterdir()) == [small]
 
@@ -172,16 +148,16 @@ def test_infer_corrupt_chunk_fails_cleanly_and_leaves_no_partial(d, tmp_path):
     bad = tmp_path / "bad.zarr"
     shutil.copytree(d.raw, bad)
     (bad / "0" / "c" / "0" / "0" / "0").write_bytes(b"\x00garbage, not zstd")
-    before = snapshot(bad)
+    before = tree_digest(bad)
     out = tmp_path / "o.zarr"
-    err = one_error(bbem("infer", d.ckpt, bad, out), "infer")
+    err = assert_user_error(run_bbem("infer", d.ckpt, bad, out), "infer")
     assert "cannot read" in err
-    assert snapshot(bad) == before
+    assert tree_digest(bad) == before
     # no block was finished: no .partial that would ask the corrected command for --overwrite
     assert not out.exists() and not (tmp_path / "o.zarr.partial").exists()
     shutil.rmtree(bad)
     shutil.copytree(d.raw, bad)  # the input restored from a good copy
-    assert bbem("infer", d.ckpt, bad, out).returncode == 0
+    assert run_bbem("infer", d.ckpt, bad, out).returncode == 0
 
 
 def test_infer_failure_after_some_blocks_keeps_the_partial(d, tmp_path):
@@ -201,7 +177,7 @@ def test_infer_failure_after_some_blocks_keeps_the_partial(d, tmp_path):
 
 
 def test_infer_output_under_a_file(d):
-    err = one_error(bbem("infer", d.ckpt, d.raw, d.afile / "o.zarr"), "infer")
+    err = assert_user_error(run_bbem("infer", d.ckpt, d.raw, d.afile / "o.zarr"), "infer")
     assert "is a file, not a folder" in err
     assert d.afile.read_text() == "not a folder\n"
 
@@ -210,16 +186,18 @@ def test_infer_resume_with_a_damaged_run_record(d, tmp_path):
     work = tmp_path / "o.zarr.partial"
     shutil.copytree(d.done, work)
     (work / ".bbem_run.json").write_text('{"version": 2, "plan": ')
-    before = snapshot(work)
-    err = one_error(bbem("infer", d.ckpt, d.raw, tmp_path / "o.zarr", "--resume"), "infer")
+    before = tree_digest(work)
+    err = assert_user_error(
+        run_bbem("infer", d.ckpt, d.raw, tmp_path / "o.zarr", "--resume"), "infer"
+    )
     assert "damaged run record" in err and "--overwrite" in err
-    assert snapshot(work) == before
+    assert tree_digest(work) == before
 
 
 @pytest.mark.parametrize("address", ["tcp://", "tcp://host:notaport"])
 def test_infer_scheduler_address_without_a_port(d, tmp_path, address):
     out = tmp_path / "o.zarr"
-    err = one_error(bbem("infer", d.ckpt, d.raw, out, "--scheduler", address), "infer")
+    err = assert_user_error(run_bbem("infer", d.ckpt, d.raw, out, "--scheduler", address), "infer")
     assert "tcp://HOST:PORT" in err
     assert list(tmp_path.iterdir()) == []
 
@@ -227,15 +205,15 @@ def test_infer_scheduler_address_without_a_port(d, tmp_path, address):
 def test_infer_resume_of_an_output_made_from_another_input(d, tmp_path):
     out = tmp_path / "o.zarr"
     shutil.copytree(d.done, out)
-    before = snapshot(out)
-    err = one_error(bbem("infer", d.ckpt, d.raw2, out, "--resume"), "infer")
+    before = tree_digest(out)
+    err = assert_user_error(run_bbem("infer", d.ckpt, d.raw2, out, "--resume"), "infer")
     assert "another input" in err and "--overwrite" in err
-    assert snapshot(out) == before
+    assert tree_digest(out) == before
 
 
 def test_infer_warns_of_a_costly_halo(d, tmp_path):
     out = tmp_path / "o.zarr"
-    r = bbem("infer", d.ckpt, d.raw, out, "--halo", "3,24,24")
+    r = run_bbem("infer", d.ckpt, d.raw, out, "--halo", "3,24,24")
     assert r.returncode == 0, r.stderr
     lines = r.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("bbem infer: warning: "), r.stderr
@@ -247,7 +225,7 @@ def test_infer_warns_of_a_costly_halo(d, tmp_path):
 
 
 def test_export_under_a_file(d):
-    err = one_error(bbem("export", d.ckpt, d.afile / "sub" / "x.pt"), "export")
+    err = assert_user_error(run_bbem("export", d.ckpt, d.afile / "sub" / "x.pt"), "export")
     assert "is a file, not a folder" in err
     assert d.afile.read_text() == "not a folder\n"
 
@@ -256,7 +234,28 @@ def test_report_folder_that_cannot_be_made(d, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(d.run, run)
     (run / "report").symlink_to(tmp_path / "gone" / "report")  # a dangling link: mkdir fails
-    before = snapshot(run)
-    err = one_error(bbem("report", run), "report")
+    before = tree_digest(run)
+    err = assert_user_error(run_bbem("report", run), "report")
     assert "cannot create the report folder" in err
-    assert snapshot(run) == before and (run / "report").is_symlink()
+    assert tree_digest(run) == before and (run / "report").is_symlink()
+
+
+def test_train_refuses_a_run_dir_inside_its_data_and_a_val_box_without_clefts(d, tmp_path):
+    import yaml
+
+    from bbem.config import load_config
+    from bbem.errors import UserError
+    from bbem.train import train
+
+    cfg_path = Path(d.config)
+    cfg = load_config(cfg_path)
+    inside = Path(cfg.data.resolve(cfg.data.train[0].path)) / "run"
+    with pytest.raises(UserError, match="lies inside the input"):
+        train(cfg, run_dir=inside, progress=False)
+    raw = yaml.safe_load(cfg_path.read_text())
+    raw["data"]["val"][0]["y_range"] = [0, 1]  # one row with no cleft in it
+    raw["data"]["patch_size"] = [4, 16, 16]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(UserError, match="no cleft voxels"):
+        train(load_config(tmp_path / "c.yaml"), run_dir=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

@@ -8,7 +8,6 @@ byte-identical afterwards and nothing half-written (no output, ``.partial`` or `
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import signal
@@ -20,50 +19,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from conftest import assert_user_error, run_bbem, tree_digest
 
 from bbem.volumes import write_volume
 
 SHAPE = (4, 32, 32)
 
 
-def bbem(
-    *args: object, cwd: Path, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "bbem", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=120,
-        env={**os.environ, **(env or {})},
-    )
-
-
-def error_line(r: subprocess.CompletedProcess, command: str) -> str:
-    """Exit 2 and one line ``bbem <command>: error: ...`` on stderr, no traceback."""
-    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
-    assert "Traceback" not in r.stderr, r.stderr
-    lines = r.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].strip(), r.stderr
-    assert lines[0].startswith(f"bbem {command}: error: "), lines[0]
-    return lines[0]
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    """sha256 of every file under ``folder``, by relative path."""
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
-
-
 def refused(tmp_path: Path, command: str, *args: object, leaves: tuple[str, ...] = ()) -> str:
     """Run a command that must be refused; the folder must be as it was (plus ``leaves``)."""
-    before = snapshot(tmp_path)
-    r = bbem(command, *args, cwd=tmp_path)
-    line = error_line(r, command)
-    after = snapshot(tmp_path)
+    before = tree_digest(tmp_path)
+    r = run_bbem(command, *args, cwd=tmp_path)
+    line = assert_user_error(r, command)
+    after = tree_digest(tmp_path)
     assert {k: v for k, v in after.items() if k not in leaves} == before, line
     left = [p.name for p in tmp_path.rglob("*") if p.name.endswith((".partial", ".lock"))]
     assert not left, left
@@ -177,7 +145,7 @@ def test_os_refusing_the_write_is_one_line(tmp_path: Path, monkeypatch, capsys) 
 def test_ctrl_c_during_convert_leaves_nothing(tmp_path: Path) -> None:
     data = np.random.default_rng(0).integers(0, 255, (8, 512, 512), dtype=np.uint8)
     write_volume(tmp_path / "in.zarr", data)
-    before = snapshot(tmp_path)
+    before = tree_digest(tmp_path)
     partial = tmp_path / "out.zarr.partial"
     p = subprocess.Popen(
         [sys.executable, "-m", "bbem", "convert", "in.zarr", "out.zarr", "--chunks", "1,32,32"],
@@ -196,7 +164,7 @@ def test_ctrl_c_during_convert_leaves_nothing(tmp_path: Path) -> None:
     _, err = p.communicate(timeout=120)
     assert p.returncode == 130, err
     assert "Traceback" not in err and err.splitlines() == ["bbem convert: interrupted"], err
-    assert snapshot(tmp_path) == before
+    assert tree_digest(tmp_path) == before
     assert sorted(x.name for x in tmp_path.iterdir()) == ["in.zarr"]
 
 
@@ -313,7 +281,7 @@ def test_evaluate_refuses_raw_intensities_as_truth(scene: Path, kind: str) -> No
 
 def test_evaluate_without_cleft_voxels_says_undefined(scene: Path) -> None:
     write_volume(scene / "empty.zarr", np.zeros(SHAPE, np.uint8))
-    r = bbem(
+    r = run_bbem(
         "evaluate", "pred.zarr", "empty.zarr", "--json", "r.json", cwd=scene, env={"COLUMNS": "200"}
     )
     assert r.returncode == 0, r.stderr

@@ -127,7 +127,7 @@ def _reading(path: Path) -> Iterator[None]:
     log.addHandler(handler)
     try:
         yield
-    except (tifffile.TiffFileError, ValueError, OSError, EOFError) as e:
+    except (tifffile.TiffFileError, ValueError, OSError, EOFError, IndexError, KeyError) as e:
         if isinstance(e, UserError):
             raise
         raise UserError(
