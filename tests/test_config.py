@@ -232,12 +232,12 @@ def test_defaults_and_empty_sections(tmp_path, monkeypatch):
     cfg = load_config(p)
     assert cfg.model.model_dump(mode="json") == {**DEFAULT_MODEL}
     assert cfg.data.patch_size == (16, 160, 160)
-    assert (cfg.data.batch_size, cfg.data.pos_fraction, cfg.data.workers) == (2, 0.8, 0)
+    assert (cfg.data.batch_size, cfg.data.pos_fraction, cfg.data.workers) == (2, 0.5, 0)
     assert cfg.bb.method == "dense" and cfg.bb_kwargs() is None
     assert cfg.data.root == str(tmp_path.resolve())
     assert cfg.data.resolve("a") == tmp_path.resolve() / "a"
     assert cfg.data.resolve("/x/y") == Path("/x/y")
-    assert cfg.loss.pos_weight == 10.0 and cfg.optim.lr == 1e-3 and cfg.train.device == "auto"
+    assert cfg.loss.pos_weight == 2.0 and cfg.optim.lr == 1e-3 and cfg.train.device == "auto"
 
 
 def test_bb_kwargs_build_the_cores_config(demo):
