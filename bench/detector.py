@@ -128,14 +128,17 @@ def run_rf(
     return row
 
 
-def _mean_sd(values: list[float | None]) -> str:
+#: decimals per column: scores in [0, 1] to 3, the CREMI score (nm) to 1, seconds to 0
+DIGITS = {"cremi": 1, "seconds": 0}
+
+
+def _mean_sd(values: list[float | None], digits: int = 3) -> str:
     v = [x for x in values if x is not None]
     if not v:
         return "-"
     if len(v) == 1:
-        return f"{v[0]:.3f}" if abs(v[0]) < 100 else f"{v[0]:.0f}"
-    m, s = statistics.mean(v), statistics.stdev(v)
-    return f"{m:.3f} ± {s:.3f}" if abs(m) < 100 else f"{m:.0f} ± {s:.0f}"
+        return f"{v[0]:.{digits}f}"
+    return f"{statistics.mean(v):.{digits}f} ± {statistics.stdev(v):.{digits}f}"
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -145,9 +148,41 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
     for m in methods:
         rs = [r for r in rows if r["method"] == m]
-        cells = [_mean_sd([r[k] for r in rs]) for k, _ in COLUMNS]
+        cells = [_mean_sd([r[k] for r in rs], DIGITS.get(k, 3)) for k, _ in COLUMNS]
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {len(rs)} |")
     return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """Bars of each score per method (mean over seeds, seeds as dots), the baseline first."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    scores = [c for c in COLUMNS if c[0] not in ("cremi", "seconds")]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), width_ratios=(len(scores), 1.3))
+    width = 0.8 / len(methods)
+    for i, m in enumerate(methods):
+        rs = [r for r in rows if r["method"] == m]
+        for j, (k, _) in enumerate([*scores, ("cremi", "")]):
+            ax, x = (axes[0], j) if k != "cremi" else (axes[1], 0)
+            v = [r[k] for r in rs if r[k] is not None]
+            xi = x - 0.4 + width * (i + 0.5)
+            ax.bar(xi, np.mean(v), width, color=f"C{i}", label=m if j == 0 else None)
+            ax.plot([xi] * len(v), v, "k.", ms=4)
+    axes[0].set_xticks(range(len(scores)), [c[1] for c in scores], fontsize=8)
+    axes[0].set(ylim=(0, 1), ylabel="score (higher is better)")
+    axes[0].legend(fontsize=8, loc="upper right")
+    axes[1].set_xticks([0], ["CREMI score (nm)"], fontsize=8)
+    axes[1].set_ylabel("lower is better")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -191,6 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{md}\n\nsplit: {meta['split']}; {meta['steps']} steps; `{cmd}` at {commit}\n"
     )
     (out / "detector.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    seeds = len({r["seed"] for r in rows})
+    plot(rows, out / "detector.png", f"{meta['split']}; {meta['steps']} steps; {seeds} seed(s)")
     print(md)
     print(f"split: {meta['split']}; {meta['steps']} U-Net steps")
     return 0
