@@ -60,7 +60,7 @@ _KIND_WORDS = {
 
 
 #: errno values by which the OS refuses a write the user can fix, and the fix
-_REFUSALS = {
+WRITE_REFUSALS = {
     errno.EACCES: "choose a folder you may write to",
     errno.EPERM: "choose a folder you may write to",
     errno.EROFS: "choose a folder on a writable file system",
@@ -83,7 +83,7 @@ def os_refusals(path: str | os.PathLike) -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        fix = _REFUSALS.get(e.errno) if e.errno is not None else None
+        fix = WRITE_REFUSALS.get(e.errno) if e.errno is not None else None
         if fix is None:
             raise
         where = f" ({e.filename})" if e.filename and str(e.filename) != os.fspath(path) else ""

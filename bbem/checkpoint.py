@@ -66,7 +66,9 @@ def save_checkpoint(path: str | os.PathLike, payload: Mapping[str, Any]) -> Path
 
 def _legacy_numpy_globals() -> list[Any]:
     """NumPy's array reconstruction: what pre-rule checkpoints need, and nothing that runs code."""
-    from numpy._core import multiarray  # type: ignore[attr-defined]
+    # numpy >= 2 names the module numpy._core; 1.x (which pyproject allows) numpy.core
+    multiarray = getattr(np, "_core", None) or np.core
+    multiarray = multiarray.multiarray
 
     dtypes = [type(np.dtype(t)) for t in (np.uint32, np.uint8, np.int64, np.float64, np.float32)]
     return [multiarray._reconstruct, np.ndarray, np.dtype, *dtypes]

@@ -718,6 +718,8 @@ def predict_volume(
     _check_scheduler(scheduler)
     if int(workers) < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
+    if int(min_size) < 0:
+        raise UserError(f"--min-size must be 0 or more voxels, got {min_size}")
     output = Path(output).absolute()
     work = _work_path(output)
     # Never write over an input (or its checkpoint); hold the output for the whole run.
@@ -741,7 +743,7 @@ def predict_volume(
                 )
 
         # The model: a path is loaded here to check it early, and again (once) in each worker.
-        if isinstance(checkpoint_or_model, (str, os.PathLike)):
+        if is_path:
             ckpt: str | None = str(Path(checkpoint_or_model).absolute())
             model, info = load_inference_model(ckpt)
             factor = model_factor(model, info["model_config"])
@@ -761,8 +763,6 @@ def predict_volume(
             )
         normalize_raw(np.zeros(1, dtype=vol.dtype))  # refuse e.g. int64 raw before any work
         plan = make_plan(vol.shape, factor, block, halo, roi_size)
-        if int(min_size) < 0:
-            raise UserError(f"--min-size must be 0 or more voxels, got {min_size}")
         manifest = _manifest(ckpt, input_s, key, plan, tta, threshold, int(min_size))
         if finished:
             _check_finished(output, manifest)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import errno
 import logging
 import math
 import os
@@ -30,7 +29,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from bbem.atomic import atomic_output, check_writable, output_lock, remove
+from bbem.atomic import WRITE_REFUSALS, atomic_output, check_writable, output_lock, remove
 from bbem.errors import UserError
 
 LOSS_COLUMNS = ("step", "loss", "lr", "time_s")
@@ -126,7 +125,7 @@ class RunDir:
             else:
                 for child in self.path.iterdir():
                     remove(child)
-        refused = isinstance(exc, OSError) and exc.errno in _REFUSED
+        refused = isinstance(exc, OSError) and exc.errno in WRITE_REFUSALS
         if refused and _inside(exc.filename, self.path):
             # The OS refused a write into the run (permissions, read-only, disk full): the user's
             # to fix, so one line instead of a traceback (root passes the os.access checks).
@@ -171,10 +170,6 @@ class RunDir:
 
     def read_metrics(self) -> list[dict[str, str]]:
         return _read(self.metrics_csv)[1] if self.metrics_csv.is_file() else []
-
-
-#: errno values by which the OS refuses a write the user can fix (any other OSError is a bug)
-_REFUSED = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 
 
 def _inside(filename: Any, folder: Path) -> bool:

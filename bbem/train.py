@@ -270,12 +270,13 @@ def train(
                 if bb is not None:
                     bb.step()
                 step += 1
-                if not math.isfinite(loss.item()):
+                value = loss.item()
+                if not math.isfinite(value):
                     raise UserError(
-                        f"training diverged at step {step} (loss {loss.item()}): lower optim.lr"
+                        f"training diverged at step {step} (loss {value}): lower optim.lr"
                     )
-                losses.append(loss.item())
-                window.append(loss.item())
+                losses.append(value)
+                window.append(value)
                 if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                     rd.append_loss(
                         {

@@ -22,6 +22,21 @@ def shared_data() -> Path:
 
 
 @pytest.fixture
+def read_only_dir(tmp_path: Path):
+    """``tmp_path / "ro"``, a folder this user may not write to; skipped where that cannot be
+    made (root writes into read-only folders)."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as root: a read-only folder does not stop writes")
+        yield ro
+    finally:
+        ro.chmod(0o755)
+
+
+@pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
 

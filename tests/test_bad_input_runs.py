@@ -67,16 +67,8 @@ def test_train_run_dir_under_a_file(d):
     assert d.afile.read_text() == "not a folder\n"
 
 
-def test_train_read_only_run_dir(d, tmp_path):
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o555)
-    try:
-        (ro / "probe").touch()
-    except PermissionError:
-        pass
-    else:
-        pytest.skip("this user writes into read-only folders (root): chmod cannot stop it")
+def test_train_read_only_run_dir(d, read_only_dir):
+    ro = read_only_dir
     err = assert_user_error(run_bbem("train", d.config, "--run-dir", ro / "run"), "train")
     assert "not writable" in err or "Permission denied" in err
     assert list(ro.iterdir()) == []

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -103,18 +102,10 @@ def test_convert_damaged_zarr(tmp_path: Path, damage: str) -> None:
         assert "block z " in line
 
 
-def test_convert_into_read_only_folder(tmp_path: Path) -> None:
+def test_convert_into_read_only_folder(tmp_path: Path, read_only_dir: Path) -> None:
     write_volume(tmp_path / "in.zarr", _labels())
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o555)
-    try:
-        if os.access(ro, os.W_OK):
-            pytest.skip("running as root: a read-only folder does not stop writes")
-        line = refused(tmp_path, "convert", "in.zarr", "ro/out.zarr")
-        assert "not writable" in line
-    finally:
-        ro.chmod(0o755)
+    line = refused(tmp_path, "convert", "in.zarr", "ro/out.zarr")
+    assert "not writable" in line
 
 
 def test_convert_under_a_regular_file(tmp_path: Path) -> None:
@@ -202,18 +193,10 @@ def test_infer_refuses_rgb_tiff(tmp_path: Path) -> None:
 # -- synth -----------------------------------------------------------------------------------------
 
 
-def test_synth_into_read_only_folder(tmp_path: Path) -> None:
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o555)
-    try:
-        if os.access(ro, os.W_OK):
-            pytest.skip("running as root: a read-only folder does not stop writes")
-        assert "not writable" in refused(tmp_path, "synth", "ro/s.zarr", "--shape", "2,32,32")
-        line = refused(tmp_path, "synth", "s.zarr", "--shape", "2,32,32", "--preview", "ro/p.png")
-        assert "ro/p.png" in line and not (tmp_path / "s.zarr").exists()
-    finally:
-        ro.chmod(0o755)
+def test_synth_into_read_only_folder(tmp_path: Path, read_only_dir: Path) -> None:
+    assert "not writable" in refused(tmp_path, "synth", "ro/s.zarr", "--shape", "2,32,32")
+    line = refused(tmp_path, "synth", "s.zarr", "--shape", "2,32,32", "--preview", "ro/p.png")
+    assert "ro/p.png" in line and not (tmp_path / "s.zarr").exists()
 
 
 def test_synth_preview_unwritable_is_refused_before_the_volume(tmp_path: Path) -> None:
