@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from bbem.config import AugmentConfig, DataConfig, RunConfig, VolumeSpec
 from bbem.errors import UserError
-from bbem.infer import normalize_raw
+from bbem.volumes import normalize_raw
 
 KEYS = ("image", "label")
 #: Cleft coordinates kept per volume for forced sampling (a uniform subsample beyond this).

@@ -17,8 +17,9 @@ from scipy import ndimage
 
 from bbem import infer
 from bbem.errors import UserError
-from bbem.infer import make_plan, normalize_raw, predict_volume
+from bbem.infer import make_plan, predict_volume
 from bbem.model import CHECKPOINT_FORMAT, EXPORT_FORMAT, build_model, load_inference_model
+from bbem.volumes import normalize_raw
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"channels": [4, 8, 16], "strides": [[1, 2, 2], [1, 2, 2]], "num_res_units": 1}

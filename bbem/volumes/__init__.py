@@ -13,6 +13,7 @@ from bbem.volumes.base import CLEFT_BACKGROUND, Volume, check_finite, check_same
 from bbem.volumes.convert import convert, convert_from_cli
 from bbem.volumes.hdf5_io import CREMI_CLEFTS, CREMI_NEURONS, CREMI_RAW
 from bbem.volumes.io import iter_blocks, open_volume, split_uri, write_volume, write_volumes
+from bbem.volumes.normalize import normalize_raw
 from bbem.volumes.zarr_io import create_ome_zarr, default_chunks
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "create_ome_zarr",
     "default_chunks",
     "iter_blocks",
+    "normalize_raw",
     "open_volume",
     "split_uri",
     "write_volume",

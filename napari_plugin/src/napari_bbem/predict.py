@@ -2,7 +2,7 @@
 
 The same steps as ``bbem infer`` for one block: the checkpoint's model and sliding window
 (:func:`bbem.model.load_inference_model`, :func:`bbem.infer.make_plan`), raw normalised by
-:func:`bbem.infer.normalize_raw`, MONAI's Gaussian-blended windows
+:func:`bbem.volumes.normalize_raw`, MONAI's Gaussian-blended windows
 (:func:`bbem.infer.predict_region`), probabilities stored as uint8 levels
 (:func:`bbem.metrics.to_uint8`). Volumes too large for memory go through ``bbem infer``.
 """
@@ -33,9 +33,10 @@ def predict_array(
     uint16 or float in [0, 1]), read whole. ``roi_size``: the sliding window; by default the
     checkpoint's training patch size (as ``bbem infer``), capped to the volume.
     """
-    from bbem.infer import make_plan, model_factor, normalize_raw, predict_region
+    from bbem.infer import make_plan, model_factor, predict_region
     from bbem.metrics import to_uint8
     from bbem.model import load_inference_model
+    from bbem.volumes import normalize_raw
 
     shape = tuple(int(s) for s in np.shape(raw))
     if len(shape) != 3:
