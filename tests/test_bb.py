@@ -403,3 +403,85 @@ def test_output_probe_reads_the_layer_not_the_activation():
     model(torch.randn(8, 2, 4, 4))
     bb.step()
     assert bb.layers["0"].on_rate.tolist() == [1.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("release", ["bake", "detach"])
+def test_attach_again_after_release(release):
+    torch.manual_seed(0)
+    model = FeedForward()
+    bb = attach_bb(model, BBConfig(density=0.5, refresh_every=1))
+    x = batch_for("ffn")
+    _train(model, bb, x, 3)
+    getattr(bb, release)()
+    assert not hasattr(model, "_bbem_bb")
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    with pytest.raises(RuntimeError, match="attach_bb again"):
+        bb.step()
+    again = attach_bb(model, BBConfig(density=0.25, refresh_every=1))
+    _train(model, again, x, 3)
+    assert again.density() == pytest.approx(0.25, abs=0.02)
+
+
+@pytest.mark.parametrize("mode", ["in", "out"])
+def test_deepcopy_gives_the_copy_its_own_probes(mode):
+    import copy
+
+    torch.manual_seed(0)
+    model = FeedForward()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    bb = attach_bb(model, BBConfig(density=0.5, mode=mode, warmup_steps=0), optimizer=opt)
+    twin = copy.deepcopy(model)
+    twin_bb = twin._bbem_bb
+    assert twin_bb is not bb and twin_bb.model is twin and twin_bb.optimizer is None
+    twin.train()
+    twin(batch_for("ffn"))
+    assert all(layer.probe.count == 0 for layer in bb.layers.values())  # original untouched
+    assert all(layer.probe.count == 1 for layer in twin_bb.layers.values())
+    twin_bb.bake()  # releasing the copy leaves the original attached and live
+    assert model._bbem_bb is bb
+    model(batch_for("ffn"))
+    assert all(layer.probe.count == 1 for layer in bb.layers.values())
+    bb.step()
+
+
+@pytest.mark.parametrize("mode", ["in", "out"])
+def test_sqrt_rescale_is_exact(mode):
+    """scale[o] = sqrt(C_in / kept inputs of o), and the effective weight is W * mask * scale."""
+    torch.manual_seed(3)
+    model = FeedForward()
+    bb = attach_bb(model, BBConfig(density=0.3, mode=mode, spread=0.3, warmup_steps=0))
+    for layer in bb.layers.values():
+        layer.on_rate.copy_(torch.rand(layer.units) * 0.9 + 0.05)
+    bb.refresh()
+    for layer in bb.layers.values():
+        m = layer.mask.mask
+        kept_in = m.sum(1)
+        assert int(kept_in.min()) < layer.c_in  # something was pruned in some row
+        torch.testing.assert_close(layer.mask.scale, torch.sqrt(layer.c_in / kept_in.clamp_min(1)))
+        w = layer.module.parametrizations.weight.original
+        torch.testing.assert_close(
+            layer.module.weight,
+            w * (m * layer.mask.scale[:, None]).view(*m.shape, *[1] * (w.dim() - 2)),
+        )
+
+
+@pytest.mark.parametrize("mode", ["in", "out"])
+def test_tiers_busy_units_keep_fewer_edges_than_rare(mode):
+    torch.manual_seed(4)
+    layer = nn.Linear(64, 48)
+    model = nn.Sequential(layer)
+    cfg = BBConfig(density=0.5, mode=mode, method="bb_tiers", skip_unit_fan=False)
+    bb = attach_bb(model, cfg)
+    rec = bb.layers["0"]
+    a = torch.full((rec.units,), 0.4)
+    a[: rec.units // 3] = 0.9  # busy: above tier_high 0.7
+    a[-(rec.units // 3) :] = 0.05  # rare: below tier_low 0.1
+    rec.on_rate.copy_(a)
+    bb.refresh()
+    deg = rec.unit_mask().sum(1)
+    busy, rare, mid = deg[a > cfg.tier_high], deg[a < cfg.tier_low], deg[(a >= 0.1) & (a <= 0.7)]
+    assert busy.max() < rare.min() and busy.max() < mid.min()
+    # the tiers' ratio: busy keep dens_busy / dens_rare of what rare units keep (to rounding)
+    assert float(busy.float().mean() / rare.float().mean()) == pytest.approx(
+        cfg.dens_busy / cfg.dens_rare, abs=0.05
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -304,23 +305,38 @@ class BudgetedBroadcast:
 
     def bake(self) -> nn.Module:
         """Multiply masks (and rescale) into the weights; remove parametrizations and hooks."""
-        self._check_live()
-        for layer in self.layers.values():
-            for h in layer.hooks:
-                h.remove()
-            parametrize.remove_parametrizations(layer.module, "weight", leave_parametrized=True)
-        self.baked = True
-        return self.model
+        return self._release(leave_parametrized=True)
 
     def detach(self) -> nn.Module:
         """Remove BB without baking (the weights become the unmasked originals)."""
+        return self._release(leave_parametrized=False)
+
+    def _release(self, leave_parametrized: bool) -> nn.Module:
+        """The one way out: hooks, parametrizations and the model's mark go together, so the
+        model can be attached again."""
         self._check_live()
         for layer in self.layers.values():
             for h in layer.hooks:
                 h.remove()
-            parametrize.remove_parametrizations(layer.module, "weight", leave_parametrized=False)
+            layer.hooks.clear()
+            _own_class(layer.module)
+            parametrize.remove_parametrizations(
+                layer.module, "weight", leave_parametrized=leave_parametrized
+            )
+        if getattr(self.model, "_bbem_bb", None) is self:
+            del self.model._bbem_bb
         self.baked = True
         return self.model
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> BudgetedBroadcast:
+        # Reached through ``copy.deepcopy(model)`` (EMA/SWA copies): the copy gets its own
+        # layers, probes and hooks (the hooks are objects, so the memo maps them to the copy's
+        # probes), but not the optimiser, which trains the original's weights only.
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            new.__dict__[k] = None if k == "optimizer" else copy.deepcopy(v, memo)
+        return new
 
     def _check_live(self) -> None:
         if self.baked:
@@ -413,44 +429,72 @@ def attach_bb(
     return bb
 
 
-def _add_probe_hooks(rec: _Layer, leaves: list[tuple[str, nn.Module]], index: int | None) -> None:
-    channel_dim = -1 if isinstance(rec.module, nn.Linear) else 1
-    probe = rec.probe
+def _own_class(module: nn.Module) -> None:
+    """Give a parametrized module a class of its own before its parametrization is removed.
 
-    if rec.mode == "out":
+    ``torch.nn.utils.parametrize`` keeps the ``weight`` property on a generated class, and
+    ``copy.deepcopy`` shares that class between a model and its copy; removal deletes the
+    property from the class, which would break the other model. A sibling class with the same
+    namespace keeps the removal local.
+    """
+    cls = type(module)
+    ns = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, ns)
 
-        def pre_hook(module, args):
-            if module.training:
-                frac = on_fraction(args[0], channel_dim)
-                if frac.numel() == probe.units:
-                    probe.add(frac)
 
-        rec.hooks.append(rec.module.register_forward_pre_hook(pre_hook))
-        return
+class _PreHook:
+    """Fan-out probe: the layer's input channels are the units."""
 
-    weight_layers = (nn.modules.conv._ConvNd, nn.Linear)
-    act = following_activation(leaves, index, weight_layers) if index is not None else None
-    probe.fallback = act is None
+    def __init__(self, probe: Probe, channel_dim: int):
+        self.probe, self.channel_dim = probe, channel_dim
 
-    def layer_hook(module, args, output):
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if module.training:
+            frac = on_fraction(args[0], self.channel_dim)
+            if frac.numel() == self.probe.units:
+                self.probe.add(frac)
+
+
+class _LayerHook:
+    """Fan-in probe at the layer's output: measures it (fallback), or arms the activation hook."""
+
+    def __init__(self, probe: Probe, channel_dim: int):
+        self.probe, self.channel_dim = probe, channel_dim
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
         if not module.training:
             return
-        if probe.fallback:
-            probe.add(on_fraction(output, channel_dim))
+        if self.probe.fallback:
+            self.probe.add(on_fraction(output, self.channel_dim))
         else:
-            probe.pending = True
+            self.probe.pending = True
 
-    rec.hooks.append(rec.module.register_forward_hook(layer_hook))
+
+class _ActHook(_LayerHook):
+    """Fan-in probe at the following activation, when the layer's hook armed it."""
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+        probe = self.probe
+        if not probe.pending:
+            return
+        probe.pending = False
+        frac = on_fraction(output, self.channel_dim)
+        if frac.numel() == probe.units:
+            probe.add(frac)
+        else:  # the activation found by registration order is not this layer's: measure the layer
+            probe.fallback = True
+
+
+def _add_probe_hooks(rec: _Layer, leaves: list[tuple[str, nn.Module]], index: int | None) -> None:
+    # Hooks are objects holding their probe, not closures: ``copy.deepcopy(model)`` then gives
+    # the copy hooks that feed the copy's probes (a closure would keep feeding the original's).
+    channel_dim = -1 if isinstance(rec.module, nn.Linear) else 1
+    if rec.mode == "out":
+        rec.hooks.append(rec.module.register_forward_pre_hook(_PreHook(rec.probe, channel_dim)))
+        return
+    weight_layers = (nn.modules.conv._ConvNd, nn.Linear)
+    act = following_activation(leaves, index, weight_layers) if index is not None else None
+    rec.probe.fallback = act is None
+    rec.hooks.append(rec.module.register_forward_hook(_LayerHook(rec.probe, channel_dim)))
     if act is not None:
-
-        def act_hook(module, args, output):
-            if not probe.pending:
-                return
-            probe.pending = False
-            frac = on_fraction(output, channel_dim)
-            if frac.numel() == probe.units:
-                probe.add(frac)
-            else:  # the activation found by registration order is not this layer's: measure the layer
-                probe.fallback = True
-
-        rec.hooks.append(act[1].register_forward_hook(act_hook))
+        rec.hooks.append(act[1].register_forward_hook(_ActHook(rec.probe, channel_dim)))
