@@ -7,26 +7,31 @@ validation, so they are checked by the same rules as the file.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import os
-import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_type_hints
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     ValidationError,
     ValidationInfo,
+    create_model,
     field_validator,
     model_validator,
 )
 
+from bbem.architecture import DEFAULT_MODEL, MONAI_ACTS, MONAI_NORMS, downsample_factor
+from bbem.bb import config as bb_config
+from bbem.bb.config import BBConfig
 from bbem.errors import UserError
-from bbem.model import DEFAULT_MODEL, downsample_factor
+from bbem.validation import format_validation_error, short_repr
 
 
 def apply_overrides(d: Mapping[str, Any], overrides: Iterable[str] = ()) -> dict[str, Any]:
@@ -64,7 +69,7 @@ def apply_overrides(d: Mapping[str, Any], overrides: Iterable[str] = ()) -> dict
             elif not isinstance(node, dict):
                 where = ".".join(parts[:i])
                 raise UserError(
-                    f"override {key}: {where} is a value ({_short(node)}), not a section with keys"
+                    f"override {key}: {where} is a value ({short_repr(node)}), not a section with keys"
                 )
             elif not last and node.get(part) is None:
                 node[part] = {}
@@ -89,7 +94,7 @@ class _Section(BaseModel):
 
 
 class SynthSpec(_Section):
-    """A synthetic volume bbem makes with ``bbem.synth.write_synthetic`` when the path is absent."""
+    """A synthetic volume to make (``bbem.data.ensure_volumes``) when the path is absent."""
 
     shape: ZYX = (24, 256, 256)
     seed: int = 0
@@ -190,9 +195,7 @@ class ModelConfig(_Section):
     @field_validator("norm", "act")
     @classmethod
     def _layer_name(cls, v: Any, info: ValidationInfo) -> Any:
-        from monai.networks.layers.factories import Act, Norm
-
-        names = [n.lower() for n in (Norm if info.field_name == "norm" else Act).names]
+        names = MONAI_NORMS if info.field_name == "norm" else MONAI_ACTS
         name = (v if isinstance(v, str) else v[0]).lower()
         if name not in names:
             close = difflib.get_close_matches(name, names, n=1)
@@ -220,60 +223,67 @@ class ModelConfig(_Section):
         return self
 
     def downsample_factor(self) -> ZYX:
+        """The U-Net's total downsampling along z, y, x (see :mod:`bbem.architecture`)."""
         return downsample_factor(self.model_dump())
 
 
-class BBSection(_Section):
-    """``bbem.bb.BBConfig`` fields, or ``method: dense`` for no pruning (METHOD.md explains them)."""
-
-    method: Literal["dense", "bb", "bb_tiers", "magnitude", "random"] = "dense"
-    mode: Literal["in", "out"] = "in"
-    #: Kept fraction of edges per masked layer; required unless ``method: dense``.
-    density: float | None = None
-    spread: float = Field(0.5, gt=0.0)
-    ema: float = Field(0.99, ge=0.0, lt=1.0)
-    warmup_steps: int = Field(0, ge=0)
-    ramp_steps: int = Field(0, ge=0)
-    refresh_every: int = Field(50, ge=1)
-    min_fan: int = Field(1, ge=1)
-    regrow: bool = True
-    rescale: Literal["sqrt", "none"] = "sqrt"
-    seed: int = 0
-    dens_busy: float = 0.3
-    dens_rare: float = 0.9
-    tier_high: float = 0.7
-    tier_low: float = 0.1
-    #: Leave convs with one input or output channel (the first and the last) dense.
-    skip_unit_fan: bool = True
-    #: Where fan-in mode reads "on": after the following activation (``act``, METHOD.md) or on
-    #: the layer's own output (``output``).
-    probe: Literal["act", "output"] = "act"
-
-    @field_validator("density", "dens_busy", "dens_rare")
-    @classmethod
-    def _fraction(cls, v: float | None) -> float | None:
-        if v is not None and not 0.0 < v <= 1.0:
-            raise ValueError("must be in (0, 1]")
-        return v
-
-    @field_validator("tier_high", "tier_low")
-    @classmethod
-    def _rate(cls, v: float) -> float:
-        if not 0.0 <= v <= 1.0:
-            raise ValueError("must be in [0, 1]")
-        return v
+class _BBRules(_Section):
+    """The YAML's own rules over the fields :func:`_bb_fields` takes from ``BBConfig``."""
 
     @model_validator(mode="after")
-    def _needs_density(self) -> BBSection:
-        if self.method != "dense" and self.density is None:
+    def _needs_density(self) -> Any:
+        values = self.model_dump()
+        if values["method"] != "dense" and values["density"] is None:
             raise ValueError(
-                f"bb.density is required for method {self.method!r}: set e.g. bb.density: 0.5"
+                f"bb.density is required for method {values['method']!r}: set e.g. bb.density: 0.5"
             )
-        if self.tier_low > self.tier_high:
-            raise ValueError(
-                f"bb.tier_low ({self.tier_low}) must not exceed bb.tier_high ({self.tier_high})"
-            )
+        problem = bb_config.relation_problem(values, "bb.")
+        if problem:
+            raise ValueError(problem)
         return self
+
+
+def _in_range(allowed: bb_config.Range) -> Any:
+    def check(v: Any) -> Any:
+        problem = None if v is None else allowed.problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
+
+    return AfterValidator(check)
+
+
+def _bb_fields() -> dict[str, Any]:
+    """Pydantic fields for every ``BBConfig`` field (type, default, range, meaning), plus the
+    YAML's extras: ``method: dense`` (no pruning, the default) and so an optional density."""
+    hints = get_type_hints(BBConfig, vars(bb_config))
+    out: dict[str, Any] = {
+        "method": (
+            Literal[("dense", *bb_config.METHODS)],  # type: ignore[valid-type]
+            Field("dense", description="dense (no pruning), or a BBConfig method"),
+        )
+    }
+    for f in dataclasses.fields(BBConfig):
+        if f.name == "method":
+            continue
+        tp, doc, allowed = hints[f.name], f.metadata["doc"], f.metadata["range"]
+        default = f.default
+        if f.name == "density":  # required unless method: dense
+            tp, default = tp | None, None
+        if allowed is not None:
+            tp = Annotated[tp, _in_range(allowed)]
+        out[f.name] = (tp, Field(default, description=doc))
+    return out
+
+
+#: The ``bb`` section: ``bbem.bb.BBConfig``'s fields, or ``method: dense`` for no pruning
+#: (METHOD.md explains them).
+BBSection: type[BaseModel] = create_model(
+    "BBSection",
+    __base__=_BBRules,
+    __doc__="``bbem.bb.BBConfig`` fields, or ``method: dense`` for no pruning (METHOD.md).",
+    **_bb_fields(),
+)
 
 
 class LossConfig(_Section):
@@ -413,134 +423,10 @@ class RunConfig(_Section):
         try:
             return cls.model_validate(dict(d))
         except ValidationError as e:
-            raise UserError(format_validation_error(e)) from None
+            raise UserError(format_validation_error(e, cls)) from None
 
 
 _SECTIONS = ("model", "bb", "loss", "augment", "optim")
-
-
-# -- one clear line per error ---------------------------------------------------------------------
-
-
-def _unwrap_model(tp: Any) -> Any:
-    """The pydantic model class inside ``X | None`` / ``list[X]``, or None."""
-    if isinstance(tp, type) and issubclass(tp, BaseModel):
-        return tp
-    for arg in get_args(tp):
-        found = _unwrap_model(arg)
-        if found is not None:
-            return found
-    return None
-
-
-def _clean(loc: tuple[Any, ...]) -> tuple[tuple[Any, ...], str | None]:
-    """Split a pydantic location into the user's key path and the union branch tag, if any.
-
-    Pydantic names union branches in the location (``model.strides.1.int``); the user never
-    wrote those, so they are dropped from the path and returned separately.
-    """
-    cls: Any = RunConfig
-    for n, part in enumerate(loc):
-        if isinstance(part, int):
-            continue
-        if cls is None:  # below a leaf: what follows names a union branch
-            return loc[:n], str(part)
-        if part not in cls.model_fields:  # an unknown key (extra_forbidden)
-            return loc[: n + 1], None
-        cls = _unwrap_model(cls.model_fields[part].annotation)
-    return loc, None
-
-
-def _fields_at(loc: tuple[Any, ...]) -> list[str]:
-    """Field names of the section at ``loc``."""
-    cls: Any = RunConfig
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        if cls is None or part not in cls.model_fields:
-            return []
-        cls = _unwrap_model(cls.model_fields[part].annotation)
-    return list(cls.model_fields) if cls is not None else []
-
-
-def _path(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-_BRANCH = {
-    "int": "an integer",
-    "float": "a number",
-    "bool": "true or false",
-    "str": "a string",
-    "tuple[int, int, int]": "a [z, y, x] triple of integers",
-    "tuple[int, int]": "a [start, stop] pair of integers",
-    "tuple[float, float]": "a [low, high] pair of numbers",
-}
-
-
-def _branch(tag: str) -> str:
-    if tag.startswith("literal["):
-        return tag.removeprefix("literal[").removesuffix("]")
-    return _BRANCH.get(tag, tag)
-
-
-def format_validation_error(e: ValidationError) -> str:
-    """The first error as ``config error: <key path> <problem>`` (+ how many more there are)."""
-    # Group by the user's key path: a union value that fits no branch is one problem.
-    groups: dict[tuple[Any, ...], list[tuple[str | None, Mapping[str, Any]]]] = {}
-    for err in e.errors():
-        loc, tag = _clean(tuple(err["loc"]))
-        groups.setdefault(loc, []).append((tag, err))
-    (loc, errs), *rest = groups.items()
-    line = "config error: " + _describe(loc, errs)
-    if rest:
-        line += f" (and {len(rest)} more problem{'s' if len(rest) > 1 else ''})"
-    return line
-
-
-def _describe(loc: tuple[Any, ...], errs: list[tuple[str | None, Mapping[str, Any]]]) -> str:
-    path = _path(loc)
-    tags = [t for t, _ in errs if t is not None]
-    err = errs[0][1]
-    kind = err["type"]
-    if tags:
-        options = list(dict.fromkeys(_branch(t) for t in tags))
-        return f"{path} must be {' or '.join(options)}, got {_short(err['input'])}"
-    if kind == "extra_forbidden":
-        valid = _fields_at(loc[:-1])
-        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
-        parent = _path(loc[:-1])
-        if close:
-            return (
-                f"{path} is not a field; did you mean {parent + '.' if parent else ''}{close[0]}?"
-            )
-        where = f" of {parent}" if parent else ""
-        return f"{path} is not a field; valid keys{where}: {', '.join(valid)}"
-    if kind == "missing" and loc and isinstance(loc[-1], int):
-        return f"{_path(loc[:-1])} is too short: item {loc[-1]} is missing"
-    if kind == "missing":
-        return f"{path} is required"
-    if kind in ("model_type", "model_attributes_type", "dict_type"):
-        return f"{path} must be a section (key: value lines), got {_short(err['input'])}"
-    msg = str(err["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
-    msg = re.sub(r"^(Input|List|Tuple|String) should", "must", msg).replace(" after validation", "")
-    if kind == "literal_error":
-        expected = err.get("ctx", {}).get("expected", "").replace(" or ", ", ").split(", ")
-        options = [x.strip().strip("'\"") for x in expected if x.strip()]
-        close = difflib.get_close_matches(str(err.get("input")), options, n=1)
-        if close:
-            msg += f" (did you mean {close[0]!r}?)"
-    if not path or msg.startswith(path):  # a rule that names its own keys
-        return msg
-    return f"{path} {msg}, got {_short(err['input'])}"
-
-
-def _short(v: Any) -> str:
-    text = repr(v)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 # -- loading --------------------------------------------------------------------------------------
@@ -576,30 +462,33 @@ def _is_cremi(path: Path) -> bool:
 
 
 def resolve_volumes(cfg: RunConfig) -> list[Path]:
-    """Check every train/val volume exists, making missing synthetic ones; return their paths.
+    """The absolute path of every train/val volume, checking each exists or can be made.
 
-    A missing non-synthetic file raises :class:`UserError` naming it and where it is expected
+    Writes nothing: a missing volume with a ``synth`` spec is returned as it is, for
+    :func:`bbem.data.ensure_volumes` (which training and the benchmarks call) to make. A
+    missing volume without one raises :class:`UserError` naming it and where it is expected
     (and, for CREMI, where the samples are published).
     """
+    specs = [
+        (split, i, spec)
+        for split in ("train", "val")
+        for i, spec in enumerate(getattr(cfg.data, split))
+    ]
+    # a volume listed twice (train and val boxes of one file) needs its synth spec only once
+    made = {cfg.data.resolve(spec.path) for _, _, spec in specs if spec.synth is not None}
     out = []
-    for split in ("train", "val"):
-        for i, spec in enumerate(getattr(cfg.data, split)):
-            p = cfg.data.resolve(spec.path)
-            if not p.exists():
-                if spec.synth is not None:
-                    from bbem.synth import write_synthetic
-
-                    write_synthetic(p, tuple(spec.synth.shape), spec.synth.seed)
-                else:
-                    hint = "fix data.root or the path"
-                    if _is_cremi(p):
-                        hint = (
-                            f"download the CREMI samples ({', '.join(CREMI_FILES)}) from "
-                            f"{CREMI_URL} into {p.parent}, or set data.root"
-                        )
-                    raise UserError(
-                        f"data file {p.name} not found: data.{split}[{i}].path {spec.path!r} "
-                        f"is expected at {p}; {hint}"
-                    )
-            out.append(p)
+    for split, i, spec in specs:
+        p = cfg.data.resolve(spec.path)
+        if not p.exists() and p not in made:
+            hint = "fix data.root or the path"
+            if _is_cremi(p):
+                hint = (
+                    f"download the CREMI samples ({', '.join(CREMI_FILES)}) from "
+                    f"{CREMI_URL} into {p.parent}, or set data.root"
+                )
+            raise UserError(
+                f"data file {p.name} not found: data.{split}[{i}].path {spec.path!r} "
+                f"is expected at {p}; {hint}"
+            )
+        out.append(p)
     return out

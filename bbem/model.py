@@ -21,6 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from bbem.architecture import (  # noqa: F401 - re-exported: model users import them from here
+    DEFAULT_MODEL,
+    downsample_factor,
+)
 from bbem.atomic import check_output
 from bbem.checkpoint import (  # noqa: F401 - re-exported: bbem.model is where users look
     CHECKPOINT_FORMAT,
@@ -30,18 +34,6 @@ from bbem.checkpoint import (  # noqa: F401 - re-exported: bbem.model is where u
     save_torch_file,
 )
 from bbem.errors import UserError
-
-#: The anisotropic default: EM sections are ~10x thicker than pixels, so z is not downsampled in
-#: the first two levels.
-DEFAULT_MODEL: dict[str, Any] = {
-    "name": "unet",
-    "channels": [16, 32, 64, 128],
-    "strides": [[1, 2, 2], [1, 2, 2], [2, 2, 2]],
-    "num_res_units": 2,
-    "norm": "instance",
-    "act": "relu",
-    "dropout": 0.0,
-}
 
 
 def build_model(model_cfg: Mapping[str, Any] | None = None) -> nn.Module:
@@ -84,18 +76,6 @@ def build_model(model_cfg: Mapping[str, Any] | None = None) -> nn.Module:
             dropout=float(cfg["dropout"]),
         )
     raise UserError(f"model.name must be 'unet' or 'basicunet', got {cfg['name']!r}")
-
-
-def downsample_factor(model_cfg: Mapping[str, Any] | None = None) -> tuple[int, int, int]:
-    """Product of the strides along z, y, x: patch and block shapes must be multiples of it."""
-    cfg = {**DEFAULT_MODEL, **dict(model_cfg or {})}
-    if str(cfg["name"]).lower() == "basicunet":
-        return (16, 16, 16)
-    f = [1, 1, 1]
-    for s in cfg["strides"]:
-        s3 = list(s) if isinstance(s, (list, tuple)) else [s, s, s]
-        f = [a * int(b) for a, b in zip(f, s3)]
-    return (f[0], f[1], f[2])
 
 
 def attach_from_config(model: nn.Module, bb_cfg: Mapping[str, Any] | None):

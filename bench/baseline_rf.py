@@ -99,12 +99,13 @@ def run_baseline(
     """
     from sklearn.ensemble import RandomForestClassifier
 
-    from bbem.config import load_config, resolve_volumes
+    from bbem.config import load_config
+    from bbem.data import ensure_volumes
     from bbem.metrics import evaluate, voxel_metrics, write_json
     from bbem.volumes import write_volume
 
     cfg = load_config(str(config), list(overrides))
-    resolve_volumes(cfg)
+    ensure_volumes(cfg)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

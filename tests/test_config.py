@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -114,10 +115,9 @@ def test_missing_plain_file_names_it(tmp_path, monkeypatch):
         resolve_volumes(cfg)
 
 
-def test_synth_volumes_are_made_when_missing(tmp_path, monkeypatch):
-    synth = pytest.importorskip("bbem.synth")
-    if not hasattr(synth, "write_synthetic"):
-        pytest.skip("bbem.synth.write_synthetic not written yet")
+def test_synth_volumes_are_made_by_the_data_side_not_by_the_config(tmp_path, monkeypatch):
+    from bbem.data import ensure_volumes
+
     monkeypatch.chdir(tmp_path)
     cfg = RunConfig.from_dict(
         {
@@ -125,17 +125,53 @@ def test_synth_volumes_are_made_when_missing(tmp_path, monkeypatch):
             "data": {
                 "root": "d",
                 "train": [{"path": "t.zarr", "synth": {"shape": [4, 64, 64], "seed": 3}}],
-                "val": [{"path": "t.zarr"}],
+                "val": [{"path": "t.zarr"}],  # the same file: made once, from the train spec
             },
             "train": {"steps": 1},
         }
     )
-    paths = resolve_volumes(cfg)
+    # resolving a config writes nothing
+    assert resolve_volumes(cfg) == [tmp_path / "d" / "t.zarr"] * 2
+    assert not (tmp_path / "d").exists()
+    paths = ensure_volumes(cfg)
     assert paths == [tmp_path / "d" / "t.zarr"] * 2
-    assert paths[0].exists()
     from bbem.volumes import open_volume
 
     assert open_volume(paths[0], "volumes/raw").shape == (4, 64, 64)
+
+
+def test_loading_a_config_loads_no_torch(demo):
+    code = (
+        "import sys; from bbem.config import load_config; "
+        "load_config('configs/demo.yaml', ['model.norm=[group, {num_groups: 4}]']); "
+        "assert 'torch' not in sys.modules, 'torch loaded'; "
+        "assert 'monai' not in sys.modules, 'monai loaded'"
+    )
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_monai_layer_names_match_the_installed_monai():
+    from monai.networks.layers.factories import Act, Norm
+
+    from bbem.architecture import MONAI_ACTS, MONAI_NORMS
+
+    assert MONAI_NORMS == tuple(n.lower() for n in Norm.names)
+    assert MONAI_ACTS == tuple(n.lower() for n in Act.names)
+
+
+def test_one_downsample_factor():
+    from bbem.architecture import downsample_factor
+
+    assert downsample_factor() == (2, 8, 8)  # DEFAULT_MODEL
+    assert downsample_factor({"strides": [2, [1, 2, 2]]}) == (2, 4, 4)
+    assert downsample_factor({"name": "basicunet"}) == (16, 16, 16)
+    import bbem.model
+
+    assert bbem.model.downsample_factor is downsample_factor
 
 
 def test_overrides_apply_before_validation(demo):
@@ -241,18 +277,69 @@ def test_defaults_and_empty_sections(tmp_path, monkeypatch):
 
 
 def test_bb_kwargs_build_the_cores_config(demo):
-    bb = pytest.importorskip("bbem.bb")
-    cfg = load_config(demo, ["bb.method=magnitude", "bb.mode=out", "bb.density=0.25"])
-    kw = cfg.bb_kwargs()
-    c = bb.BBConfig(**kw)
-    assert (c.method, c.mode, c.density, c.refresh_every) == ("magnitude", "out", 0.25, 25)
-    # the schema's defaults are the core's defaults
-    import dataclasses
+    from bbem.bb import BBConfig
 
-    core = {f.name: f.default for f in dataclasses.fields(bb.BBConfig) if f.name != "density"}
+    cfg = load_config(demo, ["bb.method=magnitude", "bb.mode=out", "bb.density=0.25"])
+    c = BBConfig(**cfg.bb_kwargs())
+    assert (c.method, c.mode, c.density, c.refresh_every) == ("magnitude", "out", 0.25, 25)
+
+
+def test_bb_section_is_bbconfig_plus_dense():
+    """Every BBConfig field is a bb key with the same default and the same allowed values;
+    the YAML adds only ``method: dense`` (its default) and so an optional density."""
+    import dataclasses
+    import typing
+
+    from bbem.bb import BBConfig
+    from bbem.bb.config import CHOICES, RANGES
+
+    core = {f.name: f.default for f in dataclasses.fields(BBConfig)}
+    fields = BBSection.model_fields
+    assert set(fields) == set(core)
     ours = BBSection(method="bb", density=0.5).model_dump()
-    assert {k: ours[k] for k in core} == core
-    assert set(ours) == set(core) | {"density"}
+    assert ours == {**core, "method": "bb", "density": 0.5}
+    assert BBSection().method == "dense" and BBSection().density is None
+    for name, allowed in CHOICES.items():
+        extra = ("dense",) if name == "method" else ()
+        assert typing.get_args(fields[name].annotation) == (*extra, *allowed), name
+    # each range is enforced alike: a value just outside fails both, with the same words
+    for name, allowed in RANGES.items():
+        bad = (
+            (allowed.lo if allowed.lo_open else allowed.lo - 1) if allowed.lo is not None else None
+        )
+        if bad is None:
+            continue
+        with pytest.raises(ValueError, match=f"{name} must be {re.escape(str(allowed))}"):
+            BBConfig(**{"density": 0.5, name: bad})
+        with pytest.raises(UserError, match=f"bb.{name} must be {re.escape(str(allowed))}"):
+            RunConfig.from_dict(
+                {
+                    "name": "x",
+                    "data": {"train": [{"path": "a"}], "val": [{"path": "a"}]},
+                    "bb": {"method": "bb", "density": 0.5, name: bad},
+                    "train": {"steps": 1},
+                }
+            )
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("bb.min_fan=0", "bb.min_fan must be greater than or equal to 1, got 0"),
+        ("bb.tier_low=0.9", "bb.tier_low (0.9) must not exceed bb.tier_high (0.7)"),
+        ("bb.ema=1", "bb.ema must be in [0, 1), got 1"),
+        ("bb.spread=0", "bb.spread must be greater than 0, got 0"),
+        ("bb.probe=conv", "bb.probe must be 'act' or 'output'"),
+        ("bb.method=dense", None),
+    ],
+)
+def test_bb_rules_in_yaml(demo, override, message):
+    if message is None:
+        assert load_config(demo, [override, "bb.density=null"]).bb_kwargs() is None
+        return
+    with pytest.raises(UserError) as e:
+        load_config(demo, ["bb.method=bb", "bb.density=0.5", override])
+    assert message in str(e.value)
 
 
 def test_model_section_builds_a_model_that_fits_the_patch(demo):

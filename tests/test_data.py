@@ -24,6 +24,7 @@ from bbem.data import (
     line_kernel,
     source_from_arrays,
 )
+from bbem.data import sources as data_sources
 from bbem.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,7 +76,7 @@ def test_source_z_range_and_cleft_coordinates(rng, in_memory_mb):
 
 
 def test_source_subsamples_coordinates_but_counts_all(rng, monkeypatch):
-    monkeypatch.setattr(bd, "MAX_CLEFT_COORDS", 50)
+    monkeypatch.setattr(data_sources, "MAX_CLEFT_COORDS", 50)
     raw, lab = sparse_volume(rng)
     src = source_from_arrays(raw, lab)
     assert src.n_cleft == int((lab != 0).sum()) and len(src.clefts) == 50
@@ -416,6 +417,65 @@ def test_worker_reopens_lazy_volumes(tmp_path, rng):
     b = next(bd.make_loader(cfg, seed=0))
     assert b["image"].shape == (2, 1, 8, 32, 32)
     assert b["label"].sum() > 0
+
+
+def write_hdf5(path: Path, raw: np.ndarray, lab: np.ndarray) -> None:
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        f["volumes/raw"] = raw
+        f["volumes/labels/clefts"] = lab
+
+
+def test_worker_reads_hdf5_through_its_own_handle(tmp_path, rng):
+    raw, lab = sparse_volume(rng)
+    write_hdf5(tmp_path / "a.hdf", raw, lab)
+    cfg = tiny_config(tmp_path, train=[{"path": "a.hdf"}], workers=1, in_memory_mb=0)
+    (src,) = bd.open_sources(cfg)
+    mine = src.reopened()
+    assert mine.raw is not src.raw and mine.label is not src.label
+    src.raw.close()  # the parent closes its file: the worker's copy must not care
+    r, m = mine.read((0, 0, 0), (4, 32, 32))  # still readable: a handle of its own
+    np.testing.assert_allclose(r, raw[:4, :32, :32] / 255.0, atol=1e-6)
+    np.testing.assert_array_equal(m, lab[:4, :32, :32] != 0)
+    b = next(bd.make_loader(cfg, seed=0))
+    assert b["image"].shape == (2, 1, 8, 32, 32)
+
+
+def test_an_unpicklable_source_is_refused_not_shared_across_a_fork(tmp_path, rng):
+    import h5py
+
+    raw, lab = sparse_volume(rng)
+    write_hdf5(tmp_path / "a.hdf", raw, lab)
+    with h5py.File(tmp_path / "a.hdf", "r") as f:
+        # an h5py dataset cannot be pickled: a worker would share this process's handle
+        src = source_from_arrays(f["volumes/raw"], f["volumes/labels/clefts"], in_memory_mb=0)
+        assert not isinstance(src.raw, np.ndarray)
+        with pytest.raises(UserError, match="loader worker cannot reopen its Dataset") as e:
+            src.reopened()
+        assert "data.workers: 0" in str(e.value) and "\n" not in str(e.value)
+        ds = PatchDataset([src], (8, 32, 32), 0.8)
+        with pytest.raises(UserError, match="cannot reopen"):
+            bd.batches(ds, 2, workers=1)  # refused here, before any worker starts
+        assert next(bd.batches(ds, 2, workers=0))["image"].shape == (2, 1, 8, 32, 32)
+
+
+def test_synthetic_volumes_are_made_where_data_is_opened(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    synth = {"path": "s.zarr", "synth": {"shape": [4, 64, 64], "seed": 3}}
+    cfg = tiny_config(
+        tmp_path,
+        train=[synth],
+        val=[{"path": "s.zarr", "z_range": [2, 4]}],  # the same file, without the spec
+        patch_size=[4, 32, 32],
+    )
+    ((v_raw, _, vs),) = bd.load_val_volumes(cfg)  # makes s.zarr from the train entry's spec
+    assert v_raw.shape == (2, 64, 64) and vs == (40.0, 4.0, 4.0)
+    assert bd.ensure_volumes(cfg) == [tmp_path / "s.zarr"] * 2
+    missing = tiny_config(tmp_path, train=[{"path": "t.zarr", "synth": {"shape": [4, 64, 64]}}])
+    with pytest.raises(UserError, match=r"a\.zarr not found"):
+        bd.ensure_volumes(missing)  # a.zarr is real and missing: nothing is made
+    assert not (tmp_path / "t.zarr").exists()
 
 
 def test_val_z_range_beyond_the_volume_is_a_user_error(tmp_path, rng):

@@ -1,15 +1,66 @@
-"""``BBConfig``: every knob of the Budgeted Broadcast rule and its baselines (see METHOD.md)."""
+"""``BBConfig``: every knob of the Budgeted Broadcast rule and its baselines (see METHOD.md).
+
+Each field's type, default, allowed values and meaning are written once, here. ``BBConfig``
+checks them, and the YAML schema (``bbem.config.BBSection``) is built from the same fields, so
+the two cannot disagree. Pure Python: the schema imports this without loading torch.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-METHODS = ("bb", "bb_tiers", "magnitude", "random")
-MODES = ("in", "out")
-RESCALES = ("sqrt", "none")
-PROBES = ("act", "output")
+Method = Literal["bb", "bb_tiers", "magnitude", "random"]
+Mode = Literal["in", "out"]
+Rescale = Literal["sqrt", "none"]
+ProbeSite = Literal["act", "output"]
+METHODS: tuple[str, ...] = get_args(Method)
+MODES: tuple[str, ...] = get_args(Mode)
+RESCALES: tuple[str, ...] = get_args(Rescale)
+PROBES: tuple[str, ...] = get_args(ProbeSite)
+
+
+@dataclass(frozen=True)
+class Range:
+    """The finite numbers a numeric field accepts: ``lo``/``hi`` (None: unbounded), each bound
+    open (excluded) or closed (included)."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def problem(self, value: Any) -> str | None:
+        """Why ``value`` is out of range (``"must be in (0, 1]"``), or None when it is in."""
+        ok = isinstance(value, (int, float)) and math.isfinite(value)
+        if ok and self.lo is not None:
+            ok = value > self.lo if self.lo_open else value >= self.lo
+        if ok and self.hi is not None:
+            ok = value < self.hi if self.hi_open else value <= self.hi
+        return None if ok else f"must be {self}"
+
+    def __str__(self) -> str:
+        if self.lo is not None and self.hi is not None:
+            return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        # one-sided: pydantic's own words, so YAML messages read alike whichever rule fired
+        if self.lo is not None:
+            return f"greater than {'' if self.lo_open else 'or equal to '}{self.lo:g}"
+        if self.hi is not None:
+            return f"less than {'' if self.hi_open else 'or equal to '}{self.hi:g}"
+        return "a finite number"
+
+
+FRACTION = Range(0.0, 1.0, lo_open=True)  # (0, 1]: a kept fraction; 0 would keep nothing
+RATE = Range(0.0, 1.0)  # [0, 1]: an on-rate
+COUNT = Range(lo=0)
+POSITIVE_COUNT = Range(lo=1)
+
+
+def _meta(doc: str, allowed: Range | None = None) -> dict[str, Any]:
+    """A field's meaning and allowed range, read by the YAML schema too."""
+    return {"doc": doc, "range": allowed}
 
 
 @dataclass
@@ -20,60 +71,89 @@ class BBConfig:
     exactly (to one edge per unit) by every method, so methods compare at equal sparsity.
     """
 
-    density: float
-    method: str = "bb"
-    mode: str = "in"
-    #: 1 / (beta * K): how strongly the on-rate moves a unit's degree.
-    spread: float = 0.5
-    #: decay of the on-rate moving average (per ``step()``).
-    ema: float = 0.99
-    warmup_steps: int = 0
-    ramp_steps: int = 0
-    refresh_every: int = 50
-    #: fewest edges a unit keeps.
-    min_fan: int = 1
-    regrow: bool = True
-    rescale: str = "sqrt"
-    seed: int = 0
-    #: bb_tiers: relative kept fraction of busy (on-rate > tier_high) and rare (< tier_low) units.
-    dens_busy: float = 0.3
-    dens_rare: float = 0.9
-    tier_high: float = 0.7
-    tier_low: float = 0.1
-    #: leave layers with a single input or output channel dense (a U-Net's first and last conv).
-    skip_unit_fan: bool = True
-    #: where fan-in mode reads "on": ``act`` after the following activation (METHOD.md), or
-    #: ``output`` on the layer's own output. A norm layer between conv and activation centres
-    #: every channel, which narrows act on-rates; ``output`` reads the conv itself.
-    probe: str = "act"
+    density: float = field(metadata=_meta("kept fraction of edges per masked layer", FRACTION))
+    method: Method = field(
+        default="bb", metadata=_meta("the rule, or a baseline at the same density (METHOD.md)")
+    )
+    mode: Mode = field(
+        default="in", metadata=_meta("prune the fan-in of busy units, or their fan-out")
+    )
+    spread: float = field(
+        default=0.5,
+        metadata=_meta(
+            "1 / (beta * K): how strongly the on-rate moves a unit's degree", Range(0, lo_open=True)
+        ),
+    )
+    ema: float = field(
+        default=0.99,
+        metadata=_meta(
+            "decay of the on-rate moving average (per step())", Range(0, 1, hi_open=True)
+        ),
+    )
+    warmup_steps: int = field(default=0, metadata=_meta("dense steps before the first mask", COUNT))
+    ramp_steps: int = field(
+        default=0, metadata=_meta("steps over which the density slides from 1 to density", COUNT)
+    )
+    refresh_every: int = field(
+        default=50, metadata=_meta("steps between mask refreshes", POSITIVE_COUNT)
+    )
+    # At least 1: a unit with no fan-in is cut off from its input (its output is a constant,
+    # so its on-rate says nothing about it), its sqrt(K / k) rescale is undefined, and with
+    # regrow off it can never come back. METHOD.md's floor k_min is a floor for a live unit.
+    min_fan: int = field(default=1, metadata=_meta("fewest edges a unit keeps", POSITIVE_COUNT))
+    regrow: bool = field(
+        default=True, metadata=_meta("a refresh may bring back an edge pruned earlier")
+    )
+    rescale: Rescale = field(
+        default="sqrt",
+        metadata=_meta("scale a unit's input by sqrt(K / kept) to keep its variance"),
+    )
+    seed: int = field(default=0, metadata=_meta("seed of the random baseline's scores"))
+    dens_busy: float = field(
+        default=0.3,
+        metadata=_meta(
+            "bb_tiers: relative kept fraction of busy units (on-rate > tier_high)", FRACTION
+        ),
+    )
+    dens_rare: float = field(
+        default=0.9,
+        metadata=_meta(
+            "bb_tiers: relative kept fraction of rare units (on-rate < tier_low)", FRACTION
+        ),
+    )
+    tier_high: float = field(
+        default=0.7, metadata=_meta("bb_tiers: on-rate above which a unit is busy", RATE)
+    )
+    tier_low: float = field(
+        default=0.1, metadata=_meta("bb_tiers: on-rate below which a unit is rare", RATE)
+    )
+    skip_unit_fan: bool = field(
+        default=True,
+        metadata=_meta(
+            "leave layers with one input or output channel dense (a U-Net's first and last)"
+        ),
+    )
+    # A norm layer between conv and activation centres every channel, which narrows act
+    # on-rates; ``output`` reads the conv itself.
+    probe: ProbeSite = field(
+        default="act",
+        metadata=_meta(
+            "where fan-in mode reads 'on': after the following activation, or the output"
+        ),
+    )
 
     def __post_init__(self) -> None:
-        _choice("method", self.method, METHODS)
-        _choice("mode", self.mode, MODES)
-        _choice("rescale", self.rescale, RESCALES)
-        _choice("probe", self.probe, PROBES)
-        if not (isinstance(self.density, (int, float)) and 0 < self.density <= 1):
-            raise ValueError(f"BBConfig.density must be in (0, 1], got {self.density!r}")
-        if not (0 <= self.ema < 1):
-            raise ValueError(f"BBConfig.ema must be in [0, 1), got {self.ema!r}")
-        if not (self.spread > 0 and math.isfinite(self.spread)):
-            raise ValueError(f"BBConfig.spread must be > 0, got {self.spread!r}")
-        for name in ("warmup_steps", "ramp_steps"):
-            if int(getattr(self, name)) < 0:
-                raise ValueError(f"BBConfig.{name} must be >= 0, got {getattr(self, name)!r}")
-        if int(self.refresh_every) < 1:
-            raise ValueError(f"BBConfig.refresh_every must be >= 1, got {self.refresh_every!r}")
-        if int(self.min_fan) < 0:
-            raise ValueError(f"BBConfig.min_fan must be >= 0, got {self.min_fan!r}")
-        for name in ("dens_busy", "dens_rare"):
-            v = getattr(self, name)
-            if not 0 < v <= 1:
-                raise ValueError(f"BBConfig.{name} must be in (0, 1], got {v!r}")
-        if not 0 <= self.tier_low <= self.tier_high <= 1:
-            raise ValueError(
-                f"BBConfig.tier_low/tier_high must satisfy 0 <= low <= high <= 1, "
-                f"got {self.tier_low!r}, {self.tier_high!r}"
-            )
+        for name, allowed in CHOICES.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"BBConfig.{name} must be one of {list(allowed)}, got {value!r}")
+        for name, allowed in RANGES.items():
+            problem = allowed.problem(getattr(self, name))
+            if problem:
+                raise ValueError(f"BBConfig.{name} {problem}, got {getattr(self, name)!r}")
+        problem = relation_problem(asdict(self), "BBConfig.")
+        if problem:
+            raise ValueError(problem)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,6 +167,19 @@ class BBConfig:
         return cls(**d)
 
 
-def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"BBConfig.{name} must be one of {list(allowed)}, got {value!r}")
+def relation_problem(values: Mapping[str, Any], prefix: str) -> str | None:
+    """What is wrong between fields (each already valid alone), naming them ``prefix + name``."""
+    low, high = values["tier_low"], values["tier_high"]
+    if low > high:
+        return f"{prefix}tier_low ({low}) must not exceed {prefix}tier_high ({high})"
+    return None
+
+
+#: The allowed values of each choice field (from its Literal type), and the range of each
+#: numeric one.
+CHOICES: dict[str, tuple[str, ...]] = {
+    name: get_args(tp) for name, tp in get_type_hints(BBConfig).items() if get_origin(tp) is Literal
+}
+RANGES: dict[str, Range] = {
+    f.name: f.metadata["range"] for f in fields(BBConfig) if f.metadata["range"]
+}
