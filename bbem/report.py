@@ -30,10 +30,9 @@ from bbem.atomic import describe, os_refusals, remove
 from bbem.errors import UserError
 from bbem.metrics.evaluate import write_json
 from bbem.metrics.plot import plot_pr_curve, save_figure
-from bbem.rundir import RunDir, read_bb_table
+from bbem.rundir import RunDir, bb_layers, bb_step_rows, read_bb_table
 
 #: Clamp of on-rates before log((1-a)/a), as the BB controller does.
-_EPS = 1e-4
 
 
 def make_report(run_dir: str | os.PathLike) -> dict[str, Any]:
@@ -238,34 +237,25 @@ def _scalarish(v: Any) -> bool:
     )
 
 
-def _layers(bb: Mapping[str, np.ndarray]) -> list[str]:
-    return list(dict.fromkeys(bb["layer"].tolist()))  # first-seen order = network order
-
-
-def _at(bb: Mapping[str, np.ndarray], step: float) -> dict[str, np.ndarray]:
-    sel = bb["step"] == step
-    return {k: v[sel] for k, v in bb.items()}
-
-
 def _balance(on_rate: np.ndarray, degree: np.ndarray, full_fan: np.ndarray) -> dict[str, float]:
-    import torch
+    from bbem.bb import balance_fit  # torch: loaded only for runs with BB
 
-    from bbem.bb import balance_fit
-
-    fit = balance_fit(torch.as_tensor(on_rate), torch.as_tensor(degree), torch.as_tensor(full_fan))
+    fit = balance_fit(on_rate, degree, full_fan)
     return {k: _num(float(v)) for k, v in fit.items()}
 
 
 def _bb_summary(bb: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    from bbem.bb import binary_entropy
+
     steps = np.unique(bb["step"])
-    first, last = _at(bb, steps[0]), _at(bb, steps[-1])
+    first, last = bb_step_rows(bb, steps[0]), bb_step_rows(bb, steps[-1])
     layers = {}
-    for name in _layers(bb):
+    for name in bb_layers(bb):
         s = {k: v[last["layer"] == name] for k, v in last.items()}
         if not s["on_rate"].size:
             continue
         a = np.clip(s["on_rate"], 0, 1)
-        h = -(_xlog2(a) + _xlog2(1 - a))
+        h = binary_entropy(a).numpy()
         layers[name] = {
             "mode": str(s["mode"][0]),
             "units": int(a.size),
@@ -284,10 +274,6 @@ def _bb_summary(bb: Mapping[str, np.ndarray]) -> dict[str, Any]:
         "density": float(last["degree"].sum() / last["full_fan"].sum()),
         "layers": layers,
     }
-
-
-def _xlog2(a: np.ndarray) -> np.ndarray:
-    return np.where(a > 0, a * np.log2(np.where(a > 0, a, 1)), 0.0)
 
 
 def _best_of(table: Mapping[str, np.ndarray]) -> dict[str, Any]:
@@ -393,8 +379,8 @@ def _grid(n: int) -> tuple[int, int]:
 
 def _plot_on_rates(bb: Mapping[str, np.ndarray], path: Path) -> Path:
     steps = np.unique(bb["step"])
-    first, last = _at(bb, steps[0]), _at(bb, steps[-1])
-    layers = _layers(bb)
+    first, last = bb_step_rows(bb, steps[0]), bb_step_rows(bb, steps[-1])
+    layers = bb_layers(bb)
     r, c = _grid(len(layers))
     fig = Figure(figsize=(max(3.2 * c, 5.5), 2.6 * r + 0.9), layout="constrained")
     bins = np.linspace(0, 1, 26)
@@ -418,13 +404,13 @@ def _plot_on_rates(bb: Mapping[str, np.ndarray], path: Path) -> Path:
 
 
 def _plot_balance(bb: Mapping[str, np.ndarray], summary: Mapping[str, Any], path: Path) -> Path:
-    last = _at(bb, np.unique(bb["step"])[-1])
-    a = np.clip(last["on_rate"], _EPS, 1 - _EPS)
-    y = np.log((1 - a) / a)
-    x = last["degree"] / last["full_fan"]
+    last = bb_step_rows(bb, np.unique(bb["step"])[-1])
+    from bbem.bb import balance_points
+
+    x, y = (t.numpy() for t in balance_points(last["on_rate"], last["degree"], last["full_fan"]))
     fig = Figure(figsize=(6.4, 5.0), layout="constrained")
     ax = fig.add_subplot()
-    for i, name in enumerate(_layers(bb)):
+    for i, name in enumerate(bb_layers(bb)):
         sel = last["layer"] == name
         ax.scatter(x[sel], y[sel], s=9, alpha=0.7, color=f"C{i % 10}", label=_short(name))
     fit = summary["net_balance"]
@@ -454,7 +440,7 @@ def _plot_balance(bb: Mapping[str, np.ndarray], summary: Mapping[str, Any], path
         title=f"selectivity-audience balance, step {summary['last_step']}",
     )
     ax.grid(alpha=0.3)
-    if len(_layers(bb)) <= 12:
+    if len(bb_layers(bb)) <= 12:
         ax.legend(fontsize=7, loc="best")
     return save_figure(fig, path)
 
@@ -463,7 +449,7 @@ def layer_density(bb: Mapping[str, np.ndarray]) -> tuple[np.ndarray, list[str], 
     """``(steps[S], layers[L] in network order, density[L, S])`` from bb.csv columns: kept edges
     over edges per layer and step, summed in one pass (bb.csv can hold millions of rows)."""
     steps, si = np.unique(bb["step"], return_inverse=True)
-    layers = _layers(bb)
+    layers = bb_layers(bb)
     names, li = np.unique(bb["layer"], return_inverse=True)
     key = li * len(steps) + si
     n = len(names) * len(steps)
@@ -488,7 +474,7 @@ def _plot_density(bb: Mapping[str, np.ndarray], path: Path) -> Path:
         )
     ax.set(xlabel="step", ylabel="kept edges / edges", ylim=(0, 1.05), title="density per layer")
     ax.grid(alpha=0.3)
-    if len(_layers(bb)) <= 12:
+    if len(bb_layers(bb)) <= 12:
         ax.legend(fontsize=7, ncol=2)
     return save_figure(fig, path)
 

@@ -246,6 +246,27 @@ def read_bb_table(path: str | os.PathLike) -> dict[str, np.ndarray] | None:
     return table
 
 
+def bb_layers(table: Mapping[str, np.ndarray]) -> list[str]:
+    """The layers of a :func:`read_bb_table` table in network order (bb.csv is written layer
+    by layer, so first-seen order is the network's)."""
+    return list(dict.fromkeys(table["layer"].tolist()))
+
+
+def bb_step_rows(
+    table: Mapping[str, np.ndarray], step: float, layer: str | None = None
+) -> dict[str, np.ndarray]:
+    """The rows of one logged step (of one ``layer``, ordered by unit), as columns ``[rows]``.
+    The one way report and the napari plugin cut bb.csv."""
+    sel = table["step"] == step
+    if layer is not None:
+        sel &= table["layer"] == layer
+    cols = {k: v[sel] for k, v in table.items()}
+    if layer is not None:
+        order = np.argsort(cols["unit"], kind="stable")
+        cols = {k: v[order] for k, v in cols.items()}
+    return cols
+
+
 def _append_rows(
     path: Path, rows: list[dict[str, Any]], header: Iterable[str] | None = None
 ) -> None:

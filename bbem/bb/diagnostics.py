@@ -10,11 +10,22 @@ from bbem.bb.controller import EPS
 
 def binary_entropy(a: Tensor) -> Tensor:
     """``h(a) = -a log2 a - (1-a) log2 (1-a)`` in bits, elementwise; 0 at a = 0 or 1."""
-    a = a.double()
+    a = torch.as_tensor(a).double()
     h = -(torch.xlogy(a, a) + torch.xlogy(1 - a, 1 - a)) / torch.log(
         torch.tensor(2.0, dtype=a.dtype)
     )
     return h.float()
+
+
+def balance_points(
+    on_rate: Tensor, degree: Tensor, full_fan: float | Tensor
+) -> tuple[Tensor, Tensor]:
+    """``(k / K, log((1-a)/a))`` per unit, float64 ``[units]`` each: the axes of METHOD.md's
+    balance line. ``a`` is clamped to ``[EPS, 1 - EPS]`` as the controller does, so a dead or
+    saturated unit stays finite. Array-likes (NumPy, from bb.csv) are accepted."""
+    a = torch.as_tensor(on_rate).double().clamp(EPS, 1 - EPS)
+    x = torch.as_tensor(degree).double() / torch.as_tensor(full_fan, dtype=torch.float64)
+    return x, torch.log((1 - a) / a)
 
 
 def balance_fit(on_rate: Tensor, degree: Tensor, full_fan: float | Tensor) -> dict[str, float]:
@@ -23,9 +34,7 @@ def balance_fit(on_rate: Tensor, degree: Tensor, full_fan: float | Tensor) -> di
     The paper's optimum puts every unit on a line through the origin; BB should move a network
     toward a good fit. With fewer than two distinct degrees the fit is undefined (NaN).
     """
-    a = on_rate.double().clamp(EPS, 1 - EPS)
-    y = torch.log((1 - a) / a)
-    x = degree.double() / torch.as_tensor(full_fan, dtype=torch.float64)
+    x, y = balance_points(on_rate, degree, full_fan)
     n = x.numel()
     nan = float("nan")
     if n < 2 or float(x.var(unbiased=False)) < 1e-12:

@@ -16,9 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from bbem.errors import UserError
-
-#: Clamp of on-rates before log((1-a)/a), as the BB controller and ``bbem report`` do.
-EPS = 1e-4
+from bbem.rundir import bb_layers, bb_step_rows
 
 
 @dataclass(frozen=True)
@@ -36,15 +34,9 @@ class LayerStep:
 
     def balance(self) -> dict[str, float]:
         """Least-squares line of log((1-a)/a) on k/K: slope, intercept, r2 (NaN if undefined)."""
-        import torch
-
         from bbem.bb import balance_fit
 
-        return balance_fit(
-            torch.as_tensor(self.on_rate),
-            torch.as_tensor(self.degree),
-            torch.as_tensor(self.full_fan),
-        )
+        return balance_fit(self.on_rate, self.degree, self.full_fan)
 
 
 class OnRates:
@@ -53,8 +45,7 @@ class OnRates:
     def __init__(self, table: dict[str, np.ndarray], source: str = "bb.csv") -> None:
         self.table = table
         self.source = source
-        # first-seen order is the network's order (bb.csv is written layer by layer)
-        self.layers: list[str] = list(dict.fromkeys(table["layer"].tolist()))
+        self.layers: list[str] = bb_layers(table)
 
     def steps(self, layer: str) -> list[int]:
         """The logged steps of ``layer``, ascending."""
@@ -64,14 +55,12 @@ class OnRates:
     def at(self, layer: str, step: int) -> LayerStep:
         """``layer`` at ``step`` (a UserError names the logged steps if it is not one)."""
         self._check_layer(layer)
-        sel = (self.table["layer"] == layer) & (self.table["step"] == step)
-        if not sel.any():
+        col = bb_step_rows(self.table, step, layer)
+        if not col["unit"].size:
             raise UserError(
                 f"{self.source} has no step {step} for layer {layer}: logged steps are "
                 f"{_short_list(self.steps(layer))}"
             )
-        order = np.argsort(self.table["unit"][sel], kind="stable")
-        col = {k: v[sel][order] for k, v in self.table.items()}
         return LayerStep(
             layer=layer,
             step=int(step),
@@ -107,15 +96,6 @@ def read_on_rates(run_dir: str | os.PathLike) -> OnRates:
     return OnRates(table, source=str(path))
 
 
-def balance_points(
-    on_rate: np.ndarray, degree: np.ndarray, full_fan: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(k / K, log((1 - a) / a))`` per unit, ``a`` clamped to [EPS, 1 - EPS]; each ``[units]``."""
-    a = np.clip(np.asarray(on_rate, dtype=np.float64), EPS, 1 - EPS)
-    x = np.asarray(degree, dtype=np.float64) / np.asarray(full_fan, dtype=np.float64)
-    return x, np.log((1 - a) / a)
-
-
 def plot_layer_step(fig: Figure, ls: LayerStep) -> Figure:
     """Draw ``ls`` into ``fig`` (cleared): on-rate and degree per channel, and the balance plot."""
     fig.clear()
@@ -132,7 +112,9 @@ def plot_layer_step(fig: Figure, ls: LayerStep) -> Figure:
     )
     ax_k.legend(fontsize=7, loc="lower right")
 
-    x, y = balance_points(ls.on_rate, ls.degree, ls.full_fan)
+    from bbem.bb import balance_points
+
+    x, y = (t.numpy() for t in balance_points(ls.on_rate, ls.degree, ls.full_fan))
     ax_b.scatter(x, y, s=10, alpha=0.75, color="C0")
     fit = ls.balance()
     if np.isfinite(fit["slope"]):
