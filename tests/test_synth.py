@@ -12,7 +12,7 @@ from scipy.stats import wasserstein_distance
 
 from bbem.cli import main
 from bbem.errors import UserError
-from bbem.synth import KEYS, make_synthetic, write_synthetic
+from bbem.synth import KEYS, SynthConstants, make_synthetic, write_synthetic
 from bbem.volumes import open_volume
 
 SHAPE = (16, 224, 224)
@@ -33,6 +33,23 @@ def test_shapes_dtypes_and_determinism(vol: dict) -> None:
         np.testing.assert_array_equal(a[k], b[k])
     other = make_synthetic((6, 96, 96), seed=4)
     assert (other["raw"] != a["raw"]).mean() > 0.5
+
+
+def test_constants_are_frozen_and_shape_the_volume() -> None:
+    import dataclasses
+
+    c = SynthConstants()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.electrons = 1.0  # type: ignore[misc]
+    base = make_synthetic((6, 64, 64), seed=1)
+    same = make_synthetic((6, 64, 64), seed=1, constants=c)
+    np.testing.assert_array_equal(base["raw"], same["raw"])
+    lost = make_synthetic(
+        (6, 64, 64), seed=1, constants=dataclasses.replace(c, missing_section_p=1)
+    )
+    assert lost["info"]["missing_sections"] == list(range(6))
+    bare = dataclasses.replace(c, cleft_fraction=(0.0, 0.0))
+    assert not make_synthetic((6, 64, 64), seed=1, constants=bare)["clefts"].any()
 
 
 def test_clefts_are_rare_instances(vol: dict) -> None:
