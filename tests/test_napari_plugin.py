@@ -307,7 +307,15 @@ def test_balance_points_and_plot(run_dir):
 # -- the widgets in a real viewer -------------------------------------------------------------------
 
 
-def test_viewer_opens_with_plugin(gl_display, make_napari_viewer, synth_zarr):
+@pytest.fixture
+def shots(tmp_path: Path) -> Path:
+    """Where widget screenshots go: tmp_path, or $BBEM_SCREENSHOTS to keep them for a look."""
+    d = Path(os.environ.get("BBEM_SCREENSHOTS") or tmp_path)
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def test_viewer_opens_with_plugin(gl_display, make_napari_viewer, synth_zarr, shots):
     viewer = make_napari_viewer()
     viewer.open(str(synth_zarr), plugin="napari-bbem")
     assert [(layer.name, type(layer).__name__) for layer in viewer.layers] == [
@@ -317,10 +325,12 @@ def test_viewer_opens_with_plugin(gl_display, make_napari_viewer, synth_zarr):
     ]
     np.testing.assert_allclose(viewer.layers["raw"].scale, VS)
     np.testing.assert_allclose(viewer.layers["clefts"].translate, (80, 8, 4))
-    _save(viewer.screenshot(canvas_only=False), "/tmp/napari_reader.png")
+    _save(viewer.screenshot(canvas_only=False), shots / "napari_reader.png")
 
 
-def test_predictions_widget(gl_display, make_napari_viewer, qtbot, synth_zarr, tiny_export, volume):
+def test_predictions_widget(
+    gl_display, make_napari_viewer, qtbot, synth_zarr, tiny_export, volume, shots
+):
     from napari_bbem._widgets import PredictionsWidget
 
     viewer = make_napari_viewer()
@@ -347,7 +357,7 @@ def test_predictions_widget(gl_display, make_napari_viewer, qtbot, synth_zarr, t
     )
     assert "at p >= 0.50" in widget.status.value
     viewer.window._qt_window.resize(1200, 800)
-    _save(viewer.screenshot(canvas_only=False), "/tmp/napari_predictions.png")
+    _save(viewer.screenshot(canvas_only=False), shots / "napari_predictions.png")
 
 
 def test_predictions_widget_reports_errors(gl_display, make_napari_viewer, qtbot, tmp_path):
@@ -366,7 +376,7 @@ def test_predictions_widget_reports_errors(gl_display, make_napari_viewer, qtbot
     assert len(viewer.layers) == 1
 
 
-def test_on_rates_widget(gl_display, make_napari_viewer, qtbot, run_dir, tmp_path):
+def test_on_rates_widget(gl_display, make_napari_viewer, qtbot, run_dir, tmp_path, shots):
     from napari_bbem._widgets import OnRatesWidget
 
     viewer = make_napari_viewer()
@@ -386,11 +396,11 @@ def test_on_rates_widget(gl_display, make_napari_viewer, qtbot, run_dir, tmp_pat
     widget.step.value = 0
     qtbot.wait(50)
     widget.native.resize(420, 820)
-    widget.native.grab().save("/tmp/napari_onrates.png")
-    assert Path("/tmp/napari_onrates.png").stat().st_size > 0
+    widget.native.grab().save(str(shots / "napari_onrates.png"))
+    assert (shots / "napari_onrates.png").stat().st_size > 0
 
 
-def _save(img: np.ndarray, path: str) -> None:
+def _save(img: np.ndarray, path: Path) -> None:
     import imageio.v3 as iio
 
     iio.imwrite(path, img)
