@@ -16,12 +16,14 @@ import contextlib
 import datetime as _dt
 import errno
 import json
+import math
 import os
 import shutil
 import socket
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from bbem.errors import UserError
 
@@ -290,6 +292,32 @@ def atomic_output(
             with contextlib.suppress(OSError):
                 remove(tmp)
             raise
+
+
+def write_json(data: Any, path: str | os.PathLike) -> Path:
+    """Write ``data`` as strict JSON, atomically, replacing an earlier JSON file.
+
+    NaN and infinities become null (strict JSON has neither); NumPy scalars and arrays become
+    numbers and lists; tuples become lists; keys become strings.
+    """
+    with atomic_output(path, overwrite=True, kind="json") as tmp:
+        tmp.write_text(json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n")
+    return Path(path)
+
+
+def json_safe(x: Any) -> Any:
+    """``x`` with only what strict JSON holds (see :func:`write_json`)."""
+    if isinstance(x, dict):
+        return {str(k): json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if hasattr(x, "tolist") and not isinstance(x, (str, bytes)):
+        x = x.tolist()  # a NumPy scalar gives a Python number, an array nested lists
+        if isinstance(x, list):
+            return json_safe(x)
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
 
 
 # -- locks ----------------------------------------------------------------------------------------

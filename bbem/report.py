@@ -26,9 +26,8 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from bbem.atomic import describe, os_refusals, remove
+from bbem.atomic import describe, os_refusals, remove, write_json
 from bbem.errors import UserError
-from bbem.metrics.evaluate import write_json
 from bbem.metrics.plot import plot_pr_curve, save_figure
 from bbem.rundir import RunDir, bb_layers, bb_step_rows, read_bb_table
 
