@@ -18,6 +18,8 @@ from bbem.volumes import (
     CLEFT_BACKGROUND,
     check_same_shape,
     create_ome_zarr,
+    list_keys,
+    ome_multiscales,
     open_volume,
     write_volume,
     write_volumes,
@@ -115,6 +117,25 @@ def test_ome_zarr_04_v2_multiscale_5d_micrometer(tmp_path: Path, vol: np.ndarray
     np.testing.assert_array_equal(v1.read(), small)
     with pytest.raises(UserError, match="level 2 does not exist"):
         open_volume(tmp_path / "ome.zarr", level=2)
+
+
+def test_one_ome_multiscales_reader() -> None:
+    """OME 0.5 nests the metadata under "ome", 0.4 keeps it at the top; a group without a
+    (non-empty) list is not an image. The napari plugin reads it through the same function."""
+    ms = [{"datasets": [{"path": "0"}]}]
+    assert ome_multiscales({"ome": {"version": "0.5", "multiscales": ms}}) == ms
+    assert ome_multiscales({"multiscales": ms}) == ms
+    assert ome_multiscales({"ome": {"version": "0.5"}, "multiscales": ms}) == ms
+    for attrs in ({}, {"multiscales": []}, {"ome": "0.5"}, {"multiscales": "x"}):
+        assert ome_multiscales(attrs) is None, attrs
+    reader = pytest.importorskip("napari_bbem.reader")
+    assert reader.ome_multiscales is ome_multiscales
+
+
+def test_list_keys_names_ome_images_once(tmp_path: Path, vol: np.ndarray) -> None:
+    write_volumes(tmp_path / "c.zarr", {"volumes/raw": vol, "volumes/labels/clefts": vol})
+    keys = list_keys(zarr.open_group(str(tmp_path / "c.zarr"), mode="r"))
+    assert keys == ["volumes/labels/clefts", "volumes/raw"]  # not their level-0 arrays
 
 
 def test_zarr_v3_group_keys_and_path_forms(tmp_path: Path, vol: np.ndarray) -> None:

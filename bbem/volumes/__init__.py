@@ -14,7 +14,7 @@ from bbem.volumes.convert import convert, convert_from_cli
 from bbem.volumes.hdf5_io import CREMI_CLEFTS, CREMI_NEURONS, CREMI_RAW
 from bbem.volumes.io import iter_blocks, open_volume, split_uri, write_volume, write_volumes
 from bbem.volumes.normalize import normalize_raw
-from bbem.volumes.zarr_io import create_ome_zarr, default_chunks
+from bbem.volumes.zarr_io import create_ome_zarr, default_chunks, list_keys, ome_multiscales
 
 __all__ = [
     "CLEFT_BACKGROUND",
@@ -29,7 +29,9 @@ __all__ = [
     "create_ome_zarr",
     "default_chunks",
     "iter_blocks",
+    "list_keys",
     "normalize_raw",
+    "ome_multiscales",
     "open_volume",
     "split_uri",
     "write_volume",

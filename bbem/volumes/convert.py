@@ -17,27 +17,21 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import Progress
 
 from bbem.atomic import atomic_output, check_output, output_lock
 from bbem.errors import UserError
+from bbem.progress import progress_bar
 from bbem.volumes.base import Volume, check_finite, check_same_shape
 from bbem.volumes.hdf5_io import list_datasets, open_hdf5_file
 from bbem.volumes.io import detect_format, hold_interrupts, iter_blocks, open_volume, split_uri
 from bbem.volumes.tiff_io import TIFF_SUFFIXES, write_tiff
 from bbem.volumes.zarr_io import (
-    _list_keys,
-    _ome_multiscales,
     create_container,
     default_chunks,
     init_ome_image,
+    list_keys,
+    ome_multiscales,
     open_zarr_node,
 )
 
@@ -95,9 +89,9 @@ def _source_volumes(input: str | os.PathLike, key: str | None) -> dict[str, Volu
         import zarr
 
         node = open_zarr_node(container)
-        if isinstance(node, zarr.Array) or _ome_multiscales(dict(node.attrs)) is not None:
+        if isinstance(node, zarr.Array) or ome_multiscales(dict(node.attrs)) is not None:
             return {"": open_volume(container)}
-        keys = _list_keys(node)
+        keys = list_keys(node)
     else:
         return {"": open_volume(container)}
     # A CREMI file also holds 1D/2D annotation tables: convert the volumes.
@@ -165,15 +159,7 @@ def _convert(
         total = 2 * sum(len(p[2]) for p in plans.values())
         with (
             atomic_output(out, overwrite, inputs=[input]) as tmp,
-            Progress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-                disable=not progress,
-                transient=False,
-            ) as bar,
+            progress_bar(enabled=progress) as bar,
         ):
             task = bar.add_task(f"convert {Path(os.fspath(input)).name}", total=total)
             digests: dict[str, list[bytes]] = {}

@@ -234,9 +234,9 @@ def open_tiff(path: Path, uri: str, reopen: Any) -> Volume:
         fmt = "tiff"
     arr = zarr.open_array(store, mode="r")
     if arr.ndim > 3 and all(s == 1 for s in arr.shape[:-3]):
-        from bbem.volumes.zarr_io import _Squeezed
+        from bbem.volumes.zarr_io import Squeezed
 
-        arr = _Squeezed(arr, list(range(arr.ndim - 3)))
+        arr = Squeezed(arr, list(range(arr.ndim - 3)))
     return Volume(
         arr,
         name=uri,

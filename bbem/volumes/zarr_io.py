@@ -9,7 +9,7 @@ napari (napari-ome-zarr) and other OME-Zarr tools open such a group directly.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +47,18 @@ def is_zarr_dir(path: Path) -> bool:
 # -- reading --------------------------------------------------------------------------------------
 
 
-def _ome_multiscales(attrs: dict[str, Any]) -> list[dict[str, Any]] | None:
-    if isinstance(attrs.get("ome"), dict) and "multiscales" in attrs["ome"]:
-        return attrs["ome"]["multiscales"]  # OME-Zarr 0.5 (zarr v3)
-    if "multiscales" in attrs:
-        return attrs["multiscales"]  # OME-Zarr 0.4 (zarr v2)
-    return None
+def ome_multiscales(attrs: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    """The OME-Zarr ``multiscales`` list of a group's attributes, or None when the group is not
+    an OME image (no list, or an empty one).
+
+    The one reader of that metadata in bbem (``open_volume``, ``bbem convert``, the napari
+    plugin): OME-Zarr 0.5 (zarr v3) nests it under ``ome``, 0.4 (zarr v2) keeps it at the top.
+    """
+    ome = attrs.get("ome")
+    ms = ome.get("multiscales") if isinstance(ome, Mapping) else None
+    if ms is None:
+        ms = attrs.get("multiscales")
+    return list(ms) if isinstance(ms, list) and ms else None
 
 
 def _transforms(transforms: list[dict[str, Any]] | None, ndim: int) -> tuple[list, list]:
@@ -102,7 +108,7 @@ def _multiscale_level(
     return arr, vs, off, drop
 
 
-class _Squeezed:
+class Squeezed:
     """A view of an array with leading singleton axes (OME t, c) indexed away."""
 
     def __init__(self, arr: Any, drop: list[int]) -> None:
@@ -117,15 +123,16 @@ class _Squeezed:
         return self._arr[full]
 
 
-def _list_keys(group: zarr.Group) -> list[str]:
-    """Readable keys of a group: arrays, and OME images (groups with multiscales)."""
+def list_keys(group: zarr.Group) -> list[str]:
+    """Readable keys of a group, sorted: arrays, and OME images (groups with multiscales) as one
+    key each."""
     keys: list[str] = []
 
     def walk(g: zarr.Group, prefix: str) -> None:
         for name, member in sorted(g.members(), key=lambda kv: kv[0]):
             path = f"{prefix}{name}"
             if isinstance(member, zarr.Group):
-                if _ome_multiscales(dict(member.attrs)) is not None:
+                if ome_multiscales(dict(member.attrs)) is not None:
                     keys.append(path)
                 else:
                     walk(member, path + "/")
@@ -170,15 +177,15 @@ def _open_zarr(path: Path, key: str | None, level: int, uri: str, reopen: Any) -
         try:
             node = node[key.strip("/")]
         except KeyError:
-            keys = _list_keys(node)  # type: ignore[arg-type]
+            keys = list_keys(node)  # type: ignore[arg-type]
             raise UserError(
                 f"key {key!r} is not in {path}; it holds: {', '.join(keys) or 'nothing'}"
             ) from None
     if isinstance(node, zarr.Group):
         group = node
-        ms = _ome_multiscales(dict(group.attrs))
+        ms = ome_multiscales(dict(group.attrs))
         if ms is None:
-            keys = _list_keys(group)
+            keys = list_keys(group)
             pick = "volumes/raw" if "volumes/raw" in keys else (keys[0] if len(keys) == 1 else None)
             if pick is None:
                 raise UserError(
@@ -193,7 +200,7 @@ def _open_zarr(path: Path, key: str | None, level: int, uri: str, reopen: Any) -
         vs = attrs.get("resolution", attrs.get("voxel_size", (1.0, 1.0, 1.0)))
         off = attrs.get("offset", (0.0, 0.0, 0.0))
         drop = []
-    array = _Squeezed(arr, drop) if drop else arr
+    array = Squeezed(arr, drop) if drop else arr
     # name the dataset, not just the container: "clefts" in it switches on the CREMI mapping
     name = uri if not key or uri.rstrip("/").endswith(key.strip("/")) else f"{uri}/{key.strip('/')}"
     return Volume(

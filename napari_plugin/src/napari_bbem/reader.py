@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from bbem.errors import UserError
-from bbem.volumes import open_volume
+from bbem.volumes import ome_multiscales, open_volume
 
 #: Extensions the reader claims (besides directories that are zarr stores).
 HDF5_SUFFIXES = (".h5", ".hdf", ".hdf5", ".he5", ".cremi")
@@ -122,16 +122,10 @@ def _open_levels(path: Path, key: str | None) -> list[Any]:
 
         node = zarr.open(str(path), mode="r")
         node = node[key] if key else node
-        ms = _multiscales(dict(node.attrs)) if isinstance(node, zarr.Group) else None
+        ms = ome_multiscales(dict(node.attrs)) if isinstance(node, zarr.Group) else None
         n = len(ms[0].get("datasets", [])) if ms else 1
         levels += [open_volume(path, key=key, level=i) for i in range(1, n)]
     return levels
-
-
-def _multiscales(attrs: dict[str, Any]) -> list[dict[str, Any]] | None:
-    # OME-Zarr 0.5 nests the metadata under "ome"; 0.4 keeps it at the top
-    ms = attrs.get("ome", {}).get("multiscales", attrs.get("multiscales"))
-    return ms or None
 
 
 def _kind(key: str, dtype: np.dtype, ms_name: str | None = None) -> str:
@@ -172,7 +166,7 @@ def _zarr_keys(path: Path) -> list[tuple[str | None, str]]:
     found: list[tuple[str | None, str]] = []
 
     def walk(group: Any, prefix: str) -> None:
-        ms = _multiscales(dict(group.attrs))
+        ms = ome_multiscales(dict(group.attrs))
         if ms is not None:
             level0 = group[ms[0]["datasets"][0]["path"]]
             # OME t/c axes of length 1 are dropped by open_volume; more than one is not a volume
