@@ -280,9 +280,9 @@ def test_load_config_merges_defaults_and_names_mistakes(tmp_path):
     with pytest.raises(UserError, match="featurs is unknown"):
         load_config({"featurs": {}}, asr.DEFAULTS)
     with pytest.raises(UserError, match=r"bb section: .*density"):
-        from bbem.companions.common import attach_from_config
+        from bbem.engine import attach_from_config
 
-        attach_from_config(torch.nn.Linear(4, 4), {"density": 2.0}, (torch.nn.Linear,), {}, None)
+        attach_from_config(torch.nn.Linear(4, 4), {"density": 2.0}, (torch.nn.Linear,))
 
 
 def test_unit_means_skip_padding():

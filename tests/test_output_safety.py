@@ -303,12 +303,12 @@ def test_a_model_file_that_would_run_code_is_refused(tmp_path, files, writer, co
 
 
 def test_checkpoints_hold_only_plain_values(tmp_path):
-    from bbem.train import _rng_state, _set_rng_state
+    from bbem.engine import rng_state, set_rng_state
 
-    path = save_torch_file(tmp_path / "c.pt", {"format": CHECKPOINT_FORMAT, "rng": _rng_state()})
+    path = save_torch_file(tmp_path / "c.pt", {"format": CHECKPOINT_FORMAT, "rng": rng_state()})
     data = torch.load(path, weights_only=True)  # no allowlist needed
     draws = np.random.random(3)  # noqa: NPY002
-    _set_rng_state(data["rng"])
+    set_rng_state(data["rng"])
     assert np.array_equal(np.random.random(3), draws)  # noqa: NPY002
     with pytest.raises(TypeError, match="plain values"):
         save_torch_file(tmp_path / "d.pt", {"x": _Evil(tmp_path / "m")})

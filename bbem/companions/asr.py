@@ -30,12 +30,8 @@ from torch import nn
 
 from bbem.atomic import atomic_output
 from bbem.companions import common
-from bbem.companions.common import (
-    Task,
-    UnitMeans,
-    cache_key,
-    run_task,
-)
+from bbem.companions.common import UnitMeans, cache_key
+from bbem.engine import Evaluation, Task, fit
 from bbem.errors import UserError
 
 SAMPLE_RATE = 16000
@@ -93,6 +89,7 @@ DEFAULTS: dict[str, Any] = {
         "checkpoint_every": 250,
         "seed": 0,
         "device": "cpu",
+        "log_every": 10,
         "threads": None,
         "quiet": False,
     },
@@ -631,69 +628,77 @@ def load_data(
     raise UserError(f"data.source {src!r} is unknown: use synth or librispeech")
 
 
-def make_task(cfg: Mapping[str, Any], progress: bool = True) -> Task:
-    """Data, features, model, loss and evaluation of one ASR run."""
-    train_u, test_u = load_data(cfg, progress)
-    if not train_u or not test_u:
-        raise UserError(
-            "the ASR corpus has an empty train or test set: raise data.n_train / n_test"
-        )
-    tr, te = Features.of(train_u, cfg["features"]), Features.of(test_u, cfg["features"])
-    buckets = frequency_buckets(tr.text)
-    model = build_model(cfg)
-    ctc = nn.CTCLoss(blank=BLANK, zero_infinity=True)
-    bs = int(cfg["optim"]["batch_size"])
-    seed = int(cfg["train"]["seed"])
-    gen = torch.Generator().manual_seed(seed)
+class AsrTask(Task):
+    """CTC training of :class:`CTCTransformer` on log-mel features; best.pt has the lowest WER.
 
-    def batches(stream_seed: int) -> Iterator[Any]:
-        rng = np.random.default_rng(stream_seed)
-        gen.manual_seed(stream_seed)  # SpecAugment's draws restart with the stream
+    A batch is ``(x [B, T, F] with SpecAugment applied, lengths [B], targets, target_lengths)``.
+    """
+
+    name = "asr"
+    score_name = "val_wer"
+    higher_is_better = False
+
+    def __init__(self, cfg: Mapping[str, Any], progress: bool = True):
+        train_u, test_u = load_data(cfg, progress)
+        if not train_u or not test_u:
+            raise UserError(
+                "the ASR corpus has an empty train or test set: raise data.n_train / n_test"
+            )
+        self.cfg = cfg
+        self.train = Features.of(train_u, cfg["features"])
+        self.test = Features.of(test_u, cfg["features"])
+        self.buckets = frequency_buckets(self.train.text)
+        self.ctc = nn.CTCLoss(blank=BLANK, zero_infinity=True)
+        self.gen = torch.Generator()  # SpecAugment's draws, restarted with the batch stream
+        self.bb_layers = list(cfg["model"]["bb_layers"])
+        self.bb_modes = dict(cfg["model"]["bb_modes"] or {})
+
+    def build_model(self) -> nn.Module:
+        return build_model(self.cfg)
+
+    def batches(self, step: int, seed: int) -> Iterator[Any]:
+        rng = np.random.default_rng(seed)
+        self.gen.manual_seed(seed)
+        bs = int(self.cfg["optim"]["batch_size"])
         # bucket by length so a batch pads little
-        order = np.argsort([len(x) for x in tr.x], kind="stable")
+        order = np.argsort([len(x) for x in self.train.x], kind="stable")
+        groups = [order[i : i + bs] for i in range(0, len(order), bs)]
         while True:
-            groups = [order[i : i + bs] for i in range(0, len(order), bs)]
             for g in rng.permutation(len(groups)):
-                yield tr.batch(groups[g].tolist())
+                x, lengths, targets, tl = self.train.batch(groups[g].tolist())
+                yield spec_augment(x, self.cfg["augment"], self.gen), lengths, targets, tl
 
-    def loss(m: nn.Module, batch: Any) -> torch.Tensor:
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         x, lengths, targets, tl = batch
-        x = spec_augment(x, cfg["augment"], gen)
-        lp = m(x, lengths)
-        return ctc(lp.transpose(0, 1), targets, lengths, tl)
+        return self.ctc(model(x, lengths).transpose(0, 1), targets, lengths, tl)
 
-    def evaluate(m: nn.Module) -> dict[str, float]:
+    def evaluate(self, model: nn.Module) -> Evaluation:
+        te = self.test
+        device = next(model.parameters()).device
         order = np.argsort([len(x) for x in te.x])
         hyps = [""] * len(te.x)
-        units = UnitMeans(m, ["*.ffn.act"], channel_dim=-1)  # the feed-forward hidden units
+        units = UnitMeans(model, ["*.ffn.act"], channel_dim=-1)  # the feed-forward hidden units
         for i in range(0, len(order), 64):
             idx = order[i : i + 64].tolist()
             x, lengths, _, _ = te.batch(idx)
             units.valid = torch.arange(x.shape[1])[None] < lengths[:, None]
-            for j, h in zip(idx, ctc_greedy(m(x, lengths), lengths)):
+            lp = model(x.to(device), lengths.to(device))
+            for j, h in zip(idx, ctc_greedy(lp, lengths)):
                 hyps[j] = h
-        out = {f"val_{k}": v for k, v in wer_report(te.text, hyps, buckets).items()}
-        return out | {"val_decorrelation": units.decorrelation()}
-
-    return Task(
-        name="asr",
-        model=model,
-        batches=batches,
-        loss=loss,
-        evaluate=evaluate,
-        best="val_wer",
-        best_mode="min",
-        bb_layers=list(cfg["model"]["bb_layers"]),
-        bb_modes=dict(cfg["model"]["bb_modes"] or {}),
-    )
+        out = {f"val_{k}": v for k, v in wer_report(te.text, hyps, self.buckets).items()}
+        return Evaluation(out | {"val_decorrelation": units.decorrelation()})
 
 
-def run(
-    cfg: Mapping[str, Any], run_dir: str | os.PathLike, resume: bool = False
-) -> dict[str, float]:
+def make_task(cfg: Mapping[str, Any], progress: bool = True) -> AsrTask:
+    """Data, features, model, loss and evaluation of one ASR run."""
+    return AsrTask(cfg, progress)
+
+
+def run(cfg: Mapping[str, Any], run_dir: str | os.PathLike, resume: bool = False) -> dict[str, Any]:
     """Train and evaluate one ASR run in ``run_dir`` (or resume it); returns the last metrics row."""
     quiet = bool(cfg["train"].get("quiet", False))
-    return run_task(lambda c: make_task(c, progress=not quiet), cfg, run_dir, resume=resume)
+    task = make_task(cfg, progress=not quiet)
+    return fit(task, cfg, run_dir, resume=resume, progress=not quiet)
 
 
 def run_from_cli(

@@ -29,12 +29,8 @@ from torch import nn
 
 from bbem.atomic import atomic_output
 from bbem.companions import common
-from bbem.companions.common import (
-    Task,
-    UnitMeans,
-    cache_key,
-    run_task,
-)
+from bbem.companions.common import UnitMeans, cache_key
+from bbem.engine import Evaluation, Task, fit
 from bbem.errors import UserError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".pgm")
@@ -80,6 +76,7 @@ DEFAULTS: dict[str, Any] = {
         "checkpoint_every": 250,
         "seed": 0,
         "device": "cpu",
+        "log_every": 10,
         "threads": None,
         "quiet": False,
     },
@@ -553,7 +550,11 @@ def load_data(cfg: Mapping[str, Any]) -> FaceData:
 
 
 def _embed(m: FaceResNet, x: np.ndarray, bs: int = 256) -> np.ndarray:
-    return np.concatenate([m(_tensor(x[i : i + bs])).numpy() for i in range(0, len(x), bs)])
+    """Embeddings ``[N, embed]`` of images ``[N, H, W]``, computed where the model lives."""
+    device = next(m.parameters()).device
+    return np.concatenate(
+        [m(_tensor(x[i : i + bs]).to(device)).cpu().numpy() for i in range(0, len(x), bs)]
+    )
 
 
 def _tensor(x: np.ndarray) -> torch.Tensor:
@@ -563,24 +564,38 @@ def _tensor(x: np.ndarray) -> torch.Tensor:
     return (t - mean) / (t.std((2, 3), keepdim=True) + 1e-3)
 
 
-def make_task(cfg: Mapping[str, Any]) -> Task:
-    """Data, model, loss and evaluation of one face-identification run."""
-    data = load_data(cfg)
-    if len(data.unseen_x) < 2 or len(np.unique(data.unseen_y)) < 2:
-        raise UserError(
-            "verification needs at least two unseen identities: raise data.n_unseen (synth) "
-            "or data.unseen_fraction (folder)"
-        )
-    model = build_model(cfg, data.n_classes)
-    bs, seed = int(cfg["optim"]["batch_size"]), int(cfg["train"]["seed"])
-    aug = cfg["augment"]
-    real = real_faces(int(cfg["data"]["size"])) if cfg["data"]["real_check"] else None
-    real_aug = augment_copies(real, 4, seed) if real is not None else None
+class FaceTask(Task):
+    """CosFace training of :class:`FaceResNet`; best.pt has the highest top-1 identification.
 
-    def batches(stream_seed: int) -> Iterator[Any]:
-        rng = np.random.default_rng(stream_seed)
+    A batch is ``(images [B, 1, H, W] normalised and augmented, labels [B])``.
+    """
+
+    name = "faceid"
+    score_name = "val_top1"
+    higher_is_better = True
+
+    def __init__(self, cfg: Mapping[str, Any]):
+        self.cfg = cfg
+        self.data = load_data(cfg)
+        if len(self.data.unseen_x) < 2 or len(np.unique(self.data.unseen_y)) < 2:
+            raise UserError(
+                "verification needs at least two unseen identities: raise data.n_unseen "
+                "(synth) or data.unseen_fraction (folder)"
+            )
+        real = real_faces(int(cfg["data"]["size"])) if cfg["data"]["real_check"] else None
+        seed = int(cfg["train"]["seed"])
+        self.real_aug = augment_copies(real, 4, seed) if real is not None else None
+        self.bb_layers = list(cfg["model"]["bb_layers"])
+        self.bb_modes = dict(cfg["model"]["bb_modes"] or {})
+
+    def build_model(self) -> nn.Module:
+        return build_model(self.cfg, self.data.n_classes)
+
+    def batches(self, step: int, seed: int) -> Iterator[Any]:
+        data, aug = self.data, self.cfg["augment"]
+        rng = np.random.default_rng(seed)
         n = len(data.train_y)
-        b = min(bs, n)
+        b = min(int(self.cfg["optim"]["batch_size"]), n)
         while True:
             order = rng.permutation(n)
             for s in range(0, n - b + 1, b):
@@ -595,44 +610,38 @@ def make_task(cfg: Mapping[str, Any]) -> Task:
                     x = torch.roll(x, (int(dy), int(dx)), (2, 3))
                 yield x, torch.from_numpy(data.train_y[idx]).long()
 
-    def loss(m: nn.Module, batch: Any) -> torch.Tensor:
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         x, y = batch
-        return F.cross_entropy(m.logits(m(x), y), y)
+        return F.cross_entropy(model.logits(model(x), y), y)
 
-    def evaluate(m: nn.Module) -> dict[str, float]:
-        emb = _embed(m, data.test_x)
-        top1 = float((m.logits(torch.from_numpy(emb)).argmax(1).numpy() == data.test_y).mean())
-        units = UnitMeans(m, ["*.act1", "*.act3"])  # the units whose fan-in BB prunes
-        v = verification(_embed(m, data.unseen_x), data.unseen_y)
+    def evaluate(self, model: nn.Module) -> Evaluation:
+        data = self.data
+        emb = _embed(model, data.test_x)
+        logits = model.logits(torch.from_numpy(emb).to(next(model.parameters()).device))
+        top1 = float((logits.argmax(1).cpu().numpy() == data.test_y).mean())
+        units = UnitMeans(model, ["*.act1", "*.act3"])  # the units whose fan-in BB prunes
+        v = verification(_embed(model, data.unseen_x), data.unseen_y)
         out = {
             "val_top1": top1,
             "val_auc": v["auc"],
             "val_tar_far1e-2": v["tar"],
             "val_decorrelation": units.decorrelation(),
         }
-        if real_aug is not None:
-            r = verification(_embed(m, real_aug[0]), real_aug[1])
+        if self.real_aug is not None:
+            r = verification(_embed(model, self.real_aug[0]), self.real_aug[1])
             out |= {"val_real_auc": r["auc"], "val_real_tar_far1e-2": r["tar"]}
-        return out
-
-    return Task(
-        name="faceid",
-        model=model,
-        batches=batches,
-        loss=loss,
-        evaluate=evaluate,
-        best="val_top1",
-        best_mode="max",
-        bb_layers=list(cfg["model"]["bb_layers"]),
-        bb_modes=dict(cfg["model"]["bb_modes"] or {}),
-    )
+        return Evaluation(out)
 
 
-def run(
-    cfg: Mapping[str, Any], run_dir: str | os.PathLike, resume: bool = False
-) -> dict[str, float]:
+def make_task(cfg: Mapping[str, Any]) -> FaceTask:
+    """Data, model, loss and evaluation of one face-identification run."""
+    return FaceTask(cfg)
+
+
+def run(cfg: Mapping[str, Any], run_dir: str | os.PathLike, resume: bool = False) -> dict[str, Any]:
     """Train and evaluate one face-identification run in ``run_dir`` (or resume it); the last row."""
-    return run_task(make_task, cfg, run_dir, resume=resume)
+    quiet = bool(cfg["train"].get("quiet", False))
+    return fit(make_task(cfg), cfg, run_dir, resume=resume, progress=not quiet)
 
 
 def run_from_cli(
