@@ -460,6 +460,19 @@ def test_an_unpicklable_source_is_refused_not_shared_across_a_fork(tmp_path, rng
         assert next(bd.batches(ds, 2, workers=0))["image"].shape == (2, 1, 8, 32, 32)
 
 
+def test_sources_made_in_each_worker_need_no_reopening(tmp_path, rng):
+    import h5py
+
+    write_hdf5(tmp_path / "a.hdf", *sparse_volume(rng))
+
+    def open_here():  # called in the worker: its h5py handle never crosses a fork
+        f = h5py.File(tmp_path / "a.hdf", "r")
+        return [source_from_arrays(f["volumes/raw"], f["volumes/labels/clefts"], in_memory_mb=0)]
+
+    ds = PatchDataset(open_here, (8, 32, 32), 0.8)
+    assert next(bd.batches(ds, 2, workers=1))["image"].shape == (2, 1, 8, 32, 32)
+
+
 def test_synthetic_volumes_are_made_where_data_is_opened(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     synth = {"path": "s.zarr", "synth": {"shape": [4, 64, 64], "seed": 3}}

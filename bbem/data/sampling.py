@@ -109,8 +109,11 @@ class PatchDataset(IterableDataset):
 
     def check_workers(self) -> None:
         """Raise :class:`UserError` now, in this process, if a loader worker could not reopen
-        a source's volumes (see :func:`bbem.data.sources.reopen_for_worker`)."""
-        for src in self.sources:
+        a source's volumes (see :func:`bbem.data.sources.reopen_for_worker`). Sources made by
+        a function are made in each worker, so they cross no fork."""
+        if callable(self._sources):
+            return
+        for src in self._sources:
             src.check_reopenable()
 
     @property
@@ -123,10 +126,13 @@ class PatchDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
-        sources = self._sources() if callable(self._sources) else self._sources
-        if info is not None:
+        if callable(self._sources):
+            sources = self._sources()  # opened here, in this process
+        elif info is not None:
             # hdf5 handles must not cross a fork: each worker reopens its lazy volumes
-            sources = [s.reopened() for s in sources]
+            sources = [s.reopened() for s in self._sources]
+        else:
+            sources = self._sources
         sampler = PatchSampler(sources, self.patch_size, self.pos_fraction)
         ss = np.random.SeedSequence([self.seed, worker])
         rng = np.random.default_rng(ss)
