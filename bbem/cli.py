@@ -43,21 +43,7 @@ def _train(a: argparse.Namespace) -> None:
 def _infer(a: argparse.Namespace) -> None:
     from bbem.infer import infer_from_cli
 
-    infer_from_cli(
-        checkpoint=a.checkpoint,
-        input=a.input,
-        output=a.output,
-        block=a.block,
-        halo=a.halo,
-        scheduler=a.scheduler,
-        workers=a.workers,
-        tta=a.tta,
-        resume=a.resume,
-        overwrite=a.overwrite,
-        key=a.key,
-        threshold=a.threshold,
-        min_size=a.min_size,
-    )
+    infer_from_cli(a)
 
 
 def _export(a: argparse.Namespace) -> None:
@@ -168,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tta", action="store_true", help="average the 8 flips in z, y, x")
     s.add_argument(
         "--threshold",
-        help="also write labels p >= this value; 'val' uses the threshold validation chose",
+        help="also write labels where the stored level rint(255 p) >= ceil(255 t) (bbem's "
+        "one rule, as evaluate and napari); 'val' uses the threshold validation chose",
     )
     s.add_argument(
         "--min-size",

@@ -47,7 +47,9 @@ def run(config: str, run_dir: str, overrides: list[str]) -> dict:
         write_synthetic(TEST_VOLUME, TEST_SHAPE, TEST_SEED)
     pred = rd / "test_prediction.zarr"
     t1 = time.perf_counter()
-    predict_volume(rd / "checkpoints/best.pt", TEST_VOLUME, pred, key="volumes/raw", overwrite=True)
+    predict_volume(
+        rd / "checkpoints/best.pt", TEST_VOLUME, pred, key="volumes/raw", on_existing="overwrite"
+    )
     infer_s = time.perf_counter() - t1
     truth = open_volume(TEST_VOLUME, key="volumes/labels/clefts")
     # the threshold is chosen on validation (best.pt) and applied unchanged to the test volume
@@ -86,10 +88,14 @@ def run(config: str, run_dir: str, overrides: list[str]) -> dict:
 
 
 def f1_at(curve: dict, threshold: float) -> float:
-    """Voxel F1 when predicting ``p >= threshold``, read off the exact PR curve."""
-    ts = curve["thresholds"]
-    # curve points are in ascending threshold order; the first at or above t is what t predicts
-    i = next((j for j, x in enumerate(ts) if x >= threshold - 1e-9), None)
+    """Voxel F1 at ``threshold`` under bbem's one rule (level >= ``threshold_level(t)``), read
+    off the exact PR curve (:meth:`bbem.metrics.PRHistogram.result`'s ``curve``)."""
+    from bbem.metrics.threshold import threshold_level
+
+    level = threshold_level(threshold)
+    ts = curve["thresholds"]  # levels / 255, ascending: only levels some voxel holds
+    # the first level present at or above t's level predicts the same voxels as t does
+    i = next((j for j, x in enumerate(ts) if round(x * 255) >= level), None)
     if i is None:
         return 0.0
     p, r = curve["precision"][i], curve["recall"][i]

@@ -18,11 +18,8 @@ are in "wall s").
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import os
-import re
 import resource
 import subprocess
 import sys
@@ -90,22 +87,24 @@ def child(args: dict) -> None:
     """One inference run in this (fresh) process; prints a JSON line of its measures."""
     from bbem.infer import predict_volume
 
-    out = io.StringIO()
     t0 = time.perf_counter()
-    with contextlib.redirect_stdout(out):
-        predict_volume(
-            args["export"],
-            args["input"],
-            args["output"],
-            block=args["block"],
-            scheduler=args["scheduler"],
-            workers=args["workers"],
-        )
+    stats = predict_volume(
+        args["export"],
+        args["input"],
+        args["output"],
+        block=args["block"],
+        scheduler=args["scheduler"],
+        workers=args["workers"],
+        progress=False,
+    )
     wall = time.perf_counter() - t0
-    line = out.getvalue().strip().splitlines()[-1]
-    vps = float(re.search(r"\(([\d,]+) voxels/s\)", line).group(1).replace(",", ""))
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    print(json.dumps({"wall": wall, "vps": vps, "rss_mb": rss_mb, "summary": line}))
+    summary = f"{stats.blocks_done} blocks, {stats.voxels_per_second:,.0f} voxels/s {stats.where}"
+    print(
+        json.dumps(
+            {"wall": wall, "vps": stats.voxels_per_second, "rss_mb": rss_mb, "summary": summary}
+        )
+    )
 
 
 def run(**kw) -> dict:

@@ -52,7 +52,7 @@ def d(tmp_path_factory) -> SimpleNamespace:
         afile=root / "afile",
     )
     ns.afile.write_text("not a folder\n")
-    ns.done = predict_volume(ns.ckpt, ns.raw, root / "done.zarr", progress=False)
+    ns.done = predict_volume(ns.ckpt, ns.raw, root / "done.zarr", progress=False).output
     return ns
 
 

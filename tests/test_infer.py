@@ -15,11 +15,10 @@ import pytest
 import torch
 from scipy import ndimage
 
-from bbem import infer
 from bbem.errors import UserError
-from bbem.infer import make_plan, predict_volume
+from bbem.infer import make_plan, predict_volume, store
 from bbem.model import CHECKPOINT_FORMAT, EXPORT_FORMAT, build_model, load_inference_model
-from bbem.volumes import normalize_raw
+from bbem.volumes import normalize_raw, open_volume
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"channels": [4, 8, 16], "strides": [[1, 2, 2], [1, 2, 2]], "num_res_units": 1}
@@ -176,13 +175,14 @@ def test_tta_and_threshold(export: Path, raw, tmp_path: Path):
         tta=True,
         threshold=0.5,
         progress=False,
-    )
+    ).output
     prob = _read(out)
     assert _max_diff(prob, _whole_volume(model, data, tta=True)) <= 1
     assert _max_diff(prob, _whole_volume(model, data)) > 1  # the flips do change the result
     labels = _read(out / "labels" / "clefts")
     assert labels.dtype == np.uint8 and set(np.unique(labels)) <= {0, 1}
-    assert labels[prob >= 129].all() and not labels[prob <= 126].any()
+    # bbem's one rule on the stored levels: 0.5 is level 128
+    assert np.array_equal(labels, (prob >= 128).astype(np.uint8))
     assert 0 < labels.mean() < 1
 
 
@@ -194,9 +194,9 @@ def test_threshold_val_uses_the_checkpoints_validation_threshold(raw, tmp_path: 
     payload = torch.load(ck, weights_only=False)
     payload["info"]["metrics"] = {"threshold_best": 0.52}
     torch.save(payload, ck)
-    out = predict_volume(ck, path, tmp_path / "v.zarr", threshold="val", progress=False)
+    out = predict_volume(ck, path, tmp_path / "v.zarr", threshold="val", progress=False).output
     prob, labels = _read(out), _read(out / "labels" / "clefts")
-    assert labels[prob >= 134].all() and not labels[prob <= 131].any()  # 0.52 * 255 = 132.6
+    assert np.array_equal(labels, prob >= 133)  # 0.52 * 255 = 132.6: level 133 and above
     # An export without a recorded threshold, or a bad value: one line, nothing written.
     bare = _save_export(tmp_path / "bare.pt", TINY, state)
     with pytest.raises(UserError, match="--threshold val needs a training checkpoint"):
@@ -210,8 +210,8 @@ def test_threshold_val_uses_the_checkpoints_validation_threshold(raw, tmp_path: 
 
 def test_tiff_output(export: Path, raw, tmp_path: Path):
     path, _ = raw
-    z = predict_volume(export, path, tmp_path / "p.zarr", progress=False)
-    t = predict_volume(export, path, tmp_path / "p.tif", threshold=0.5, progress=False)
+    z = predict_volume(export, path, tmp_path / "p.zarr", progress=False).output
+    t = predict_volume(export, path, tmp_path / "p.tif", threshold=0.5, progress=False).output
     assert t.is_file() and (tmp_path / "p_clefts.tif").is_file()
     assert np.array_equal(_read(t), _read(z))
     assert not list(tmp_path.glob("p.tif.partial*"))
@@ -223,7 +223,7 @@ def test_model_object_and_roi(raw, tmp_path: Path):
     model = build_model(TINY).eval()
     out = predict_volume(
         model, path, tmp_path / "m.zarr", roi_size=(4, 16, 16), block=(4, 16, 16), progress=False
-    )
+    ).output
     assert _max_diff(_read(out), _whole_volume(model, data)) <= 1
     with pytest.raises(UserError, match="multiple of the network's downsampling"):
         predict_volume(model, path, tmp_path / "bad.zarr", roi_size=(4, 14, 16), progress=False)
@@ -239,7 +239,7 @@ def test_real_em_hdf5(shared_data: Path, tmp_path: Path):
     src = shared_data / "vnc-stack1-left.hdf"
     out = predict_volume(
         ck, src, tmp_path / "real.zarr", key="volumes/raw", threshold=0.5, progress=False
-    )
+    ).output
     vol, raw = open_volume(out), open_volume(src, key="volumes/raw")
     assert vol.shape == raw.shape == (20, 1024, 512)
     assert vol.voxel_size == raw.voxel_size == (50.0, 4.6, 4.6) and vol.offset == raw.offset
@@ -261,18 +261,24 @@ def test_real_em_hdf5(shared_data: Path, tmp_path: Path):
 def test_existing_output_and_partial_are_refused(export: Path, raw, tmp_path: Path):
     path, _ = raw
     out = tmp_path / "o.zarr"
-    predict_volume(export, path, out, progress=False)
+    first = predict_volume(export, path, out, progress=False)
+    assert first.output == out and first.blocks_done == first.blocks_total > 0
+    assert first.blocks_skipped == 0 and first.model_loads == 1 and first.voxels == 8 * 48 * 40
     with pytest.raises(UserError, match=r"exists.*--overwrite"):
         predict_volume(export, path, out, progress=False)
     before = _read(out)
     (out / "0" / "marker").write_text("old")
-    predict_volume(export, path, out, overwrite=True, progress=False)
+    predict_volume(export, path, out, on_existing="overwrite", progress=False)
     assert not (out / "0" / "marker").exists() and np.array_equal(_read(out), before)
     # A leftover .partial asks for --resume; resuming a finished output is a no-op.
     (tmp_path / "n.zarr.partial").mkdir()
     with pytest.raises(UserError, match="--resume"):
         predict_volume(export, path, tmp_path / "n.zarr", progress=False)
-    assert predict_volume(export, path, out, resume=True, progress=False) == out
+    again = predict_volume(export, path, out, on_existing="resume", progress=False)
+    assert again.output == out and again.blocks_done == 0
+    assert again.blocks_skipped == again.blocks_total
+    with pytest.raises(UserError, match="on_existing"):
+        predict_volume(export, path, out, on_existing="replace", progress=False)
 
 
 def test_resume_with_other_settings_is_refused(export: Path, raw, tmp_path: Path):
@@ -280,17 +286,17 @@ def test_resume_with_other_settings_is_refused(export: Path, raw, tmp_path: Path
     out = tmp_path / "o.zarr"
     work = tmp_path / "o.zarr.partial"
     plan = make_plan((8, 48, 40), (1, 4, 4), block=(4, 16, 16), roi=ROI)
-    infer._prepare_work(
+    store.prepare_work(
         work,
         out,
-        infer._manifest(str(export), str(path), None, plan, False, None),
-        infer._open_volume(str(path), None),
+        store.build_manifest(str(export), str(path), None, plan, False, None),
+        open_volume(str(path)),
         plan,
-        None,
+        labels=False,
         resume=False,
     )
     with pytest.raises(UserError, match=r"plan differ.*--overwrite"):
-        predict_volume(export, path, out, block=(6, 24, 20), resume=True, progress=False)
+        predict_volume(export, path, out, block=(6, 24, 20), on_existing="resume", progress=False)
 
 
 def test_resume_after_sigkill_equals_uninterrupted(export: Path, tmp_path: Path, rng):
@@ -327,9 +333,12 @@ def test_resume_after_sigkill_equals_uninterrupted(export: Path, tmp_path: Path,
     assert len(stamps) >= 3
 
     time.sleep(0.05)
-    predict_volume(export, path, out, block=(4, 16, 16), resume=True, progress=False)
+    stats = predict_volume(
+        export, path, out, block=(4, 16, 16), on_existing="resume", progress=False
+    )
+    assert stats.blocks_skipped == len(finished) and stats.blocks_done == n_total - len(finished)
     ref = predict_volume(export, path, tmp_path / "ref.zarr", block=(4, 16, 16), progress=False)
-    assert np.array_equal(_read(out), _read(ref))
+    assert np.array_equal(_read(out), _read(ref.output))
     for m, t in stamps.items():
         assert (out / "0" / "c" / Path(*m.split("_"))).stat().st_mtime_ns == t
     assert not (out / ".bbem_done").exists() and not done.parent.exists()
@@ -347,18 +356,17 @@ def test_resume_of_a_run_killed_while_finishing(export: Path, raw, tmp_path: Pat
             raise KeyboardInterrupt
         real_replace(src, dst)
 
-    monkeypatch.setattr(infer.os, "replace", killed)
+    monkeypatch.setattr(os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
         predict_volume(export, path, out, progress=False)
     monkeypatch.undo()
     work = tmp_path / "f.zarr.partial"
     assert not (work / ".bbem_done").exists() and not out.exists()
-    monkeypatch.setattr(infer, "_run_block", lambda *a: pytest.fail("a block was recomputed"))
-    predict_volume(export, path, out, resume=True, progress=False)
-    monkeypatch.undo()
+    stats = predict_volume(export, path, out, on_existing="resume", progress=False)
+    assert stats.blocks_done == 0 and stats.blocks_skipped == stats.blocks_total  # none recomputed
     assert out.is_dir() and not work.exists()
     ref = predict_volume(export, path, tmp_path / "g.zarr", progress=False)
-    assert np.array_equal(_read(out), _read(ref))
+    assert np.array_equal(_read(out), _read(ref.output))
 
 
 # -- Dask ---------------------------------------------------------------------------------------
@@ -370,7 +378,11 @@ def test_local_cluster_equals_threads(export: Path, raw, tmp_path: Path, capsys)
     b = predict_volume(
         export, path, tmp_path / "b.zarr", block=(4, 16, 16), scheduler="local", workers=2
     )
-    assert np.array_equal(_read(a), _read(b))
+    assert np.array_equal(_read(a.output), _read(b.output))
+    assert a.worker_model_loads == {} and a.model_loads == 1
+    # the model is loaded here (to check it) and once by each worker process
+    assert sorted(b.worker_model_loads.values()) == [1, 1] and b.model_loads == 3
+    assert b.blocks_done == b.blocks_total == 18
     summary = capsys.readouterr().out.strip().splitlines()[-1]
     # 18 blocks on two worker processes on loopback; each loaded the model once.
     assert "Dask tcp://127.0.0.1:" in summary and "2 workers" in summary, summary
@@ -392,7 +404,7 @@ def test_existing_scheduler_loads_model_once_per_worker(export: Path, raw, tmp_p
         ) as cluster,
         Client(cluster) as client,
     ):
-        out = predict_volume(
+        stats = predict_volume(
             export,
             path,
             tmp_path / "d.zarr",
@@ -400,10 +412,12 @@ def test_existing_scheduler_loads_model_once_per_worker(export: Path, raw, tmp_p
             scheduler=cluster.scheduler_address,
             progress=False,
         )
-        loads = client.run(lambda: __import__("bbem.infer").infer.MODEL_LOADS)
-    assert sorted(loads.values()) == [1, 1]
+        # the run's state (model, volume, arrays) left the long-lived workers with the run
+        left = client.run(lambda dask_worker: [n for n in dask_worker.plugins if "bbem" in n])
+    assert sorted(stats.worker_model_loads.values()) == [1, 1]
+    assert all(v == [] for v in left.values()), left
     ref = predict_volume(export, path, tmp_path / "t.zarr", block=(4, 16, 16), progress=False)
-    assert np.array_equal(_read(out), _read(ref))
+    assert np.array_equal(_read(stats.output), _read(ref.output))
 
 
 def test_unreachable_scheduler_fails_fast(export: Path, raw, tmp_path: Path):
@@ -554,7 +568,7 @@ def test_validation_threshold_travels_with_the_prediction(tmp_path, raw, capsys)
         },
         ck,
     )
-    out = predict_volume(ck, raw[0], tmp_path / "p.zarr", progress=False)
+    out = predict_volume(ck, raw[0], tmp_path / "p.zarr", progress=False).output
     assert stored_threshold(out) == pytest.approx(0.3)
     assert stored_threshold(raw[0]) is None  # a volume bbem infer did not write
     truth = np.zeros(raw[1].shape, np.uint8)
@@ -573,7 +587,7 @@ def test_labels_drop_objects_smaller_than_min_size(tmp_path, export, raw):
 
     from bbem.volumes import open_volume
 
-    prob = _read(predict_volume(export, raw[0], tmp_path / "p.zarr", progress=False))
+    prob = _read(predict_volume(export, raw[0], tmp_path / "p.zarr", progress=False).output)
     t = float(np.quantile(prob, 0.8)) / 255  # a threshold that leaves many small specks
 
     def sizes(min_size: int) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 Everything streams over volumes of any size::
 
-    from bbem.metrics import evaluate, voxel_metrics, PRHistogram, to_uint8
+    from bbem.metrics import evaluate, voxel_metrics, PRHistogram, to_uint8, binarize
     result = evaluate(open_volume("pred.zarr"), open_volume("sample.hdf:volumes/labels/clefts"))
     result["voxel"]["pr_auc"], result["object"]["iou_0.5"]["f1"], result["cremi"]["score"]
 """
@@ -11,6 +11,7 @@ from bbem.metrics.cremi import CremiDistances
 from bbem.metrics.evaluate import evaluate, evaluate_from_cli, print_table, write_json
 from bbem.metrics.objects import Objects, Overlaps, match, object_metrics
 from bbem.metrics.plot import plot_pr_curve, save_figure
+from bbem.metrics.threshold import binarize, threshold_level
 from bbem.metrics.voxel import (
     CREMI_BACKGROUND,
     PRHistogram,
@@ -27,6 +28,7 @@ __all__ = [
     "Overlaps",
     "PRHistogram",
     "as_levels",
+    "binarize",
     "cleft_mask",
     "evaluate",
     "evaluate_from_cli",
@@ -35,6 +37,7 @@ __all__ = [
     "plot_pr_curve",
     "print_table",
     "save_figure",
+    "threshold_level",
     "to_uint8",
     "voxel_metrics",
     "write_json",

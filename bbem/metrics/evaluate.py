@@ -7,7 +7,8 @@ histograms, per-object sums, cleft boundary coordinates), whatever the volume's 
 Protocol (stated again in every result under ``"protocol"``):
 
 - headline, as the paper: voxel-wise PR-AUC and F1, no connected-component post-processing;
-- objects: components (cc3d, ``connectivity``) of the prediction at ``threshold``, those smaller
+- objects: components (cc3d, ``connectivity``) of the prediction at ``threshold`` (the one rule,
+  :func:`bbem.metrics.threshold.binarize`: stored level >= ``threshold_level(threshold)``), those smaller
   than ``min_size`` voxels dropped; truth instances are its label ids, or its components when
   it is binary; one-to-one matching at IoU > 0.2 and > 0.5;
 - CREMI: predicted cleft = probability at ``threshold``, distances in nm (see bbem.metrics.cremi);
@@ -18,9 +19,6 @@ Protocol (stated again in every result under ``"protocol"``):
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,11 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from bbem.atomic import atomic_output, check_output
+from bbem.atomic import check_output, write_json  # write_json: re-exported for callers here
 from bbem.errors import UserError
 from bbem.metrics.cremi import CremiDistances
 from bbem.metrics.objects import Objects, Overlaps, object_metrics
-from bbem.metrics.threshold import stored_threshold
+from bbem.metrics.threshold import binarize, stored_threshold, threshold_level
 from bbem.metrics.voxel import PRHistogram, as_levels, check_prediction_dtype, cleft_mask
 
 #: PR-AUC where the truth holds no cleft voxel (printed; the JSON holds null)
@@ -70,8 +68,9 @@ def evaluate(
     intensities), are refused. With no cleft voxel in the scored truth, ``pr_auc`` is None
     (undefined). ``mask``: voxels to score (nonzero). ``voxel_size``: nm (z, y, x); default
     the truth's, else the prediction's, else 1. ``margin``: voxels (z, y, x) not scored at each
-    border. ``threshold``: probability for the object and CREMI measures (a voxel is cleft when
-    ``round(255 p) >= round(255 threshold)``).
+    border. ``threshold``: probability for the object and CREMI measures and the voxel counts
+    ``voxel["counts_at_threshold"]`` (bbem's one rule: a voxel is cleft when its uint8 level is
+    ``>= threshold_level(threshold)``, the smallest level L with L/255 >= threshold).
     ``cremi=False`` skips the CREMI distances (the slowest part for noisy predictions).
 
     Returns ``{"voxel": {...}, "object": {...}, "cremi": {...}, "protocol": {...}}``.
@@ -86,8 +85,7 @@ def evaluate(
         )
     if mask is not None and _shape(mask, "mask") != shape:
         raise UserError(f"mask shape {_shape(mask, 'mask')} and prediction shape {shape} disagree")
-    if not 0 <= threshold <= 1 or math.isnan(threshold):
-        raise UserError(f"threshold must be a probability in [0, 1], got {threshold}")
+    level = threshold_level(threshold)  # refuses a threshold outside [0, 1] before any work
     if truth_instances not in ("auto", "labels", "components"):
         raise UserError(
             f"truth_instances must be auto, labels or components, got {truth_instances!r}"
@@ -98,7 +96,6 @@ def evaluate(
     _check_truth(truth, shape, names["truth"])
     margin_t = _margin(margin, shape)
     vs, vs_source = _voxel_size(voxel_size, truth, prediction)
-    level = round(threshold * 255)
     truth_dtype = _dtype(truth)
     label_ok = truth_dtype.kind in "iu" and truth_instances != "components"
     cc_ok = truth_instances != "labels" or not label_ok
@@ -137,7 +134,7 @@ def evaluate(
             tb = cleft_mask(t_raw)
             scored = _scored(m_raw, margin_t, shape, z0, z1)
             hist.update(p, tb, scored)
-            pb = p >= level
+            pb = binarize(p, threshold)
             pb_s, tb_s = (pb, tb) if scored is None else (pb & scored, tb & scored)
             pid, poff = pred_obj.add(pb_s, z0)
             if truth_lab is not None:
@@ -161,6 +158,7 @@ def evaluate(
     voxel = hist.result()
     if hist.n_positive == 0:  # PR-AUC needs positives; PRHistogram's 0 would read as a score
         voxel["pr_auc"] = None
+    voxel["counts_at_threshold"] = {"threshold": threshold, **hist.counts_at(level)}
     objects = object_metrics(
         pred_obj,
         t_obj,
@@ -175,7 +173,8 @@ def evaluate(
         "pr_auc": "average precision (sklearn average_precision_score) over the 256 uint8 levels",
         "threshold": threshold,
         "threshold_level_u8": level,
-        "threshold_rule": "cleft where round(255 * p) >= threshold_level_u8",
+        "threshold_rule": "cleft where the stored uint8 level rint(255 p) >= threshold_level_u8, "
+        "the smallest level L with L/255 >= threshold (ceil(255 threshold))",
         "objects": {
             "connectivity": connectivity,
             "min_size_voxels": min_size,
@@ -263,13 +262,6 @@ def evaluate_from_cli(
     return result
 
 
-def write_json(result: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write a result as strict JSON (no NaN or Infinity: those become null), atomically."""
-    with atomic_output(path, overwrite=True, kind="json") as tmp:
-        tmp.write_text(json.dumps(_json_safe(result), indent=2, allow_nan=False) + "\n")
-    return Path(path)
-
-
 def print_table(result: dict[str, Any], console: Any = None) -> None:
     """The headline numbers as rich tables on the terminal."""
     from rich.console import Console
@@ -345,18 +337,6 @@ def print_table(result: dict[str, Any], console: Any = None) -> None:
 
 def _fmt(stats: dict[str, float] | None) -> str:
     return "n/a" if stats is None else f"{stats['mean']:.2f}"
-
-
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
 
 
 def _dtype(x: Any) -> np.dtype:

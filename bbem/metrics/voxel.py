@@ -2,8 +2,9 @@
 
 Predictions are stored as uint8 levels ``round(255 p)``, so a volume has at most 256 distinct
 scores; counting positives and negatives per level is enough to rebuild the whole PR curve
-exactly, block by block, in constant memory. Threshold semantics everywhere in bbem: a voxel is
-predicted positive when its level is ``>= t``; probability 0.5 is level 128.
+exactly, block by block, in constant memory. Threshold semantics everywhere in bbem (the one
+rule, :mod:`bbem.metrics.threshold`): a voxel is predicted positive at threshold ``t`` when its
+level is ``>= threshold_level(t)``, the smallest level L with L/255 >= t; 0.5 is level 128.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from bbem.errors import UserError
+from bbem.metrics.threshold import threshold_level
 
 #: CREMI marks background in uint64 label volumes with the largest uint64.
 CREMI_BACKGROUND = np.iinfo(np.uint64).max
@@ -148,8 +150,9 @@ class PRHistogram:
         return {"tp": tp, "fp": fp, "fn": self.n_positive - tp, "tn": int(self.neg[:level].sum())}
 
     def result(self) -> dict[str, Any]:
-        """PR-AUC (= sklearn's ``average_precision_score``), best F1 and its threshold, F1,
-        precision and recall at 0.5 (level 128), and the curve in sklearn's order.
+        """PR-AUC (= sklearn's ``average_precision_score``), best F1 and its threshold (a level
+        L as L/255, so ``threshold_level`` of it is L again), F1, precision and recall at 0.5
+        (level 128), and the curve in sklearn's order.
 
         Defined edge cases, as sklearn: no positive voxel gives recall 1 at every threshold and
         PR-AUC 0; precision and recall with an empty denominator are 0. ``n_positive`` says so.
@@ -170,7 +173,7 @@ class PRHistogram:
         ap = float(-np.sum(np.diff(rec_c) * prec_c[:-1])) + 0.0
         f1 = _f1(precision, recall) if n_pos else np.zeros_like(precision)
         best = int(np.argmax(f1))
-        c05 = self.counts_at(128)
+        c05 = self.counts_at(threshold_level(0.5))
         p05, r05 = _safe_div(c05["tp"], c05["tp"] + c05["fp"]), _safe_div(c05["tp"], n_pos)
         return {
             "pr_auc": ap,

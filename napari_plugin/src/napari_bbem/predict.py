@@ -75,17 +75,17 @@ def best_threshold(checkpoint: str | os.PathLike) -> float | None:
 
 
 def threshold_clefts(prob: np.ndarray, threshold: float) -> np.ndarray:
-    """Connected clefts ``[Z, Y, X]`` uint32 (0 background, 1..n) where ``prob >= threshold``.
+    """Connected clefts ``[Z, Y, X]`` uint32 (0 background, 1..n) at ``threshold``.
 
     ``prob``: uint8 levels (``rint(255 p)``, as :func:`predict_array` and ``bbem infer`` write)
-    or float probabilities; ``threshold`` a probability in [0, 1]. 26-connectivity, as
-    bbem's object metrics count clefts.
+    or float probabilities (stored as levels first); ``threshold`` a probability in [0, 1].
+    A voxel is a cleft by bbem's one rule (:func:`bbem.metrics.binarize`: level >=
+    ``threshold_level(threshold)``), so the viewer shows what ``bbem infer`` labels and
+    ``bbem evaluate`` counts. 26-connectivity, as bbem's object metrics count clefts.
     """
     import cc3d
 
-    if not 0.0 <= float(threshold) <= 1.0:
-        raise UserError(f"threshold must be a probability in [0, 1], got {threshold}")
-    p = np.asarray(prob)
-    level = float(threshold) * 255 if p.dtype == np.uint8 else float(threshold)
-    mask = p >= level
+    from bbem.metrics import as_levels, binarize
+
+    mask = binarize(as_levels(np.asarray(prob)), threshold)
     return cc3d.connected_components(mask, connectivity=26).astype(np.uint32, copy=False)

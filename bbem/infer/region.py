@@ -1,0 +1,134 @@
+"""The network over one region: its downsampling factor, test-time flips, and MONAI's
+Gaussian-blended sliding windows (:func:`predict_region`, also what training validates with
+and what the napari plugin runs in memory)."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from bbem.errors import UserError
+from bbem.infer.plan import ZYX, Plan, fmt
+
+#: MONAI's Gaussian blending sigma, as a fraction of the window (its default).
+SIGMA_SCALE = 0.125
+
+
+def model_factor(model: Any, model_config: Mapping[str, Any] | None = None) -> ZYX:
+    """The network's downsampling factor (z, y, x), from its config or from a MONAI net itself."""
+    from bbem.model import downsample_factor
+
+    if model_config is not None:
+        return downsample_factor(model_config)
+    strides = getattr(model, "strides", None)  # monai.networks.nets.UNet keeps them
+    if strides is not None:
+        f = [1, 1, 1]
+        for s in strides:
+            s3 = list(s) if isinstance(s, (list, tuple)) else [s, s, s]
+            f = [a * int(b) for a, b in zip(f, s3)]
+        return tuple(f)  # type: ignore[return-value]
+    if type(model).__name__ == "BasicUNet":
+        return (16, 16, 16)
+    raise UserError(
+        f"cannot tell the downsampling factor of a {type(model).__name__}: pass roi_size "
+        "(a multiple of it) or a bbem checkpoint"
+    )
+
+
+class _Predictor:
+    """Window -> cleft probability; with ``tta`` the running mean over the 8 flips in z, y, x.
+
+    Input and output ``[B, 1, Z, Y, X]``. The running mean keeps one extra window in memory
+    whatever the number of flips.
+    """
+
+    FLIPS: tuple[tuple[int, ...], ...] = tuple(
+        dims for n in range(4) for dims in itertools.combinations((2, 3, 4), n)
+    )
+
+    def __init__(self, model: Any, tta: bool) -> None:
+        self.model = model
+        self.tta = tta
+
+    def __call__(self, x: Any) -> Any:
+        import torch
+
+        if not self.tta:
+            return torch.sigmoid(self.model(x))
+        mean = None
+        for k, dims in enumerate(self.FLIPS, start=1):
+            xf = torch.flip(x, dims) if dims else x
+            p = torch.sigmoid(self.model(xf))
+            p = torch.flip(p, dims) if dims else p
+            mean = p if mean is None else mean.add_(p.sub_(mean), alpha=1.0 / k)
+        return mean
+
+
+@functools.lru_cache(maxsize=8)
+def gaussian_weights(roi: ZYX) -> Any:
+    """MONAI's Gaussian importance map ``[Z, Y, X]`` for windows of ``roi`` (a pure function of
+    ``roi``, kept so that each block does not recompute the map MONAI would make per call)."""
+    from monai.data.utils import compute_importance_map
+
+    return compute_importance_map(roi, mode="gaussian", sigma_scale=SIGMA_SCALE, device="cpu")
+
+
+def predict_region(model: Any, raw: np.ndarray, plan: Plan, tta: bool = False) -> np.ndarray:
+    """Probabilities ``[Z, Y, X]`` float32 for a region ``[Z, Y, X]`` of normalised raw.
+
+    Windows of ``plan.roi`` placed by MONAI from the region's corner, ``plan.step`` apart,
+    blended with a Gaussian. Called on a :meth:`Plan.read_box` region it reproduces a
+    whole-volume prediction there.
+    """
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    x = torch.from_numpy(np.ascontiguousarray(raw, dtype=np.float32))[None, None]
+    # Windows run where the model lives (a GPU while training validates); blending stays on
+    # the CPU, so a large region never has to fit in device memory.
+    param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    sw_device = param.device if param is not None else x.device
+    with torch.inference_mode():
+        out = sliding_window_inference(
+            x,
+            sw_device=sw_device,
+            device=x.device,
+            roi_size=plan.roi,
+            sw_batch_size=1,  # one window per forward: the result cannot depend on batching
+            predictor=_Predictor(model, tta),
+            overlap=plan.overlap,
+            mode="gaussian",
+            sigma_scale=SIGMA_SCALE,
+            roi_weight_map=gaussian_weights(tuple(plan.roi)),
+        )
+    return out[0, 0].numpy()
+
+
+def check_window_fits(model: Any, plan: Plan, factor: ZYX, input: Any) -> None:
+    """Refuse a volume so small that the network cannot run on one window of it.
+
+    A window capped to a small volume can reach the network's deepest level as a single voxel,
+    where instance normalisation fails (a ValueError deep in the first block). Only that case
+    is tried, on one zero window, so a normal run costs nothing.
+    """
+    if math.prod(r // f for r, f in zip(plan.roi, factor)) > 1:
+        return
+    import torch
+
+    param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    x = torch.zeros((1, 1, *plan.roi), device=param.device if param is not None else "cpu")
+    try:
+        with torch.inference_mode():
+            model(x)
+    except (ValueError, RuntimeError):
+        need = (factor[0], 2 * factor[1], 2 * factor[2])
+        raise UserError(
+            f"{input} is {fmt(plan.shape)} voxels (z,y,x), too small for this network: a "
+            f"window of it shrinks to a single voxel at the network's deepest level (it "
+            f"downsamples by {fmt(factor)}); infer a volume of at least {fmt(need)} voxels"
+        ) from None
