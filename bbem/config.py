@@ -464,8 +464,8 @@ def _is_cremi(path: Path) -> bool:
 def resolve_volumes(cfg: RunConfig) -> list[Path]:
     """The absolute path of every train/val volume, checking each exists or can be made.
 
-    Writes nothing: a missing volume with a ``synth`` spec is returned as it is, for
-    :func:`bbem.data.ensure_volumes` (which training and the benchmarks call) to make. A
+    Writes nothing: a missing volume with a ``synth`` spec is returned as it is; bbem.data
+    makes it (:func:`bbem.data.ensure_volumes`, or the loaders when they first open it). A
     missing volume without one raises :class:`UserError` naming it and where it is expected
     (and, for CREMI, where the samples are published).
     """
