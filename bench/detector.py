@@ -98,7 +98,7 @@ def run_unet(
     _, info = load_inference_model(best)
     t = resolve_threshold("val", info)
     pred = run_dir / "val_prediction.zarr"
-    predict_volume(best, val, pred, key="volumes/raw", overwrite=True, progress=False)
+    predict_volume(best, val, pred, key="volumes/raw", on_existing="overwrite", progress=False)
     r = evaluate(
         open_volume(pred),
         open_volume(val, "volumes/labels/clefts"),
