@@ -196,10 +196,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--rf-samples", type=int, default=200_000, help="baseline training pixels")
     ap.add_argument("--rf-trees", type=int, default=100)
     a = ap.parse_args(argv)
-    from bbem.config import load_config, resolve_volumes
+    from bbem.config import load_config
+    from bbem.data import ensure_volumes
 
     cfg = load_config(a.config, a.set)
-    resolve_volumes(cfg)
+    ensure_volumes(cfg)
     out = Path(a.out or f"bench/out/detector-{cfg.name}")
     out.mkdir(parents=True, exist_ok=True)
     sets = [*a.set] + ([f"train.threads={a.threads}"] if a.threads else [])
