@@ -78,14 +78,8 @@ def build_model(model_cfg: Mapping[str, Any] | None = None) -> nn.Module:
     raise UserError(f"model.name must be 'unet' or 'basicunet', got {cfg['name']!r}")
 
 
-def attach_from_config(model: nn.Module, bb_cfg: Mapping[str, Any] | None):
-    """Attach BB (or a baseline) to the model's Conv3d layers; ``None`` for ``method: dense``."""
-    if not bb_cfg or bb_cfg.get("method", "bb") == "dense":
-        return None
-    from bbem.bb import BBConfig, attach_bb
-
-    fields = {k: v for k, v in bb_cfg.items() if k not in ("layers",)}
-    return attach_bb(model, BBConfig(**fields), layers=(nn.Conv3d,))
+#: The layers BB prunes in the U-Net (those with one input or output channel stay dense).
+BB_LAYERS = (nn.Conv3d,)
 
 
 def load_inference_model(
@@ -95,6 +89,8 @@ def load_inference_model(
 
     Accepts a training checkpoint or an export.
     """
+    from bbem.engine import attach_from_config
+
     data = load_checkpoint(path)
     if data["format"] == EXPORT_FORMAT:
         model_cfg = data["model_config"]
@@ -105,7 +101,9 @@ def load_inference_model(
         config = data["config"]
         model_cfg = config.get("model", {})
         model = build_model(model_cfg)
-        bb = attach_from_config(model, config.get("bb"))
+        # a "layers" key is ignored, as it always was here: the U-Net's are BB_LAYERS
+        bb_section = {k: v for k, v in (config.get("bb") or {}).items() if k != "layers"}
+        bb = attach_from_config(model, bb_section, layers=BB_LAYERS)
         _load_state(model, data["model"], path)
         if bb is not None:
             if data.get("bb") is not None:

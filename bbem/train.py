@@ -22,7 +22,7 @@ from bbem.config import RunConfig, load_config
 from bbem.configfile import default_run_dir, resolve_cli
 from bbem.engine import Evaluation, Task, fit
 from bbem.errors import UserError
-from bbem.model import build_model
+from bbem.model import BB_LAYERS, build_model
 
 #: Validation numbers written to metrics.csv (as ``val_<name>``).
 VAL_COLUMNS = (
@@ -34,9 +34,6 @@ VAL_COLUMNS = (
     "recall_05",
     "positive_fraction",
 )
-
-#: The layers BB prunes in the U-Net (its first and last conv stay dense: one channel).
-BB_LAYERS = (nn.Conv3d,)
 
 
 class CleftLoss(nn.Module):
