@@ -1,12 +1,12 @@
 """The validated run config: YAML in, a typed :class:`RunConfig` out, one clear line per mistake.
 
-Overrides from the command line (``--set a.b.c=value``) are applied to the raw YAML dict before
-validation, so they are checked by the same rules as the file.
+Overrides from the command line (``--set a.b.c=value``, :func:`bbem.configfile.apply_overrides`)
+are applied to the raw YAML dict before validation, so they are checked by the same rules as the
+file. Loading a config loads neither torch nor MONAI, and writes nothing.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
 import os
@@ -14,7 +14,6 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_type_hints
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -30,55 +29,9 @@ from pydantic import (
 from bbem.architecture import DEFAULT_MODEL, MONAI_ACTS, MONAI_NORMS, downsample_factor
 from bbem.bb import config as bb_config
 from bbem.bb.config import BBConfig
+from bbem.configfile import apply_overrides, read_config  # noqa: F401 - apply_overrides re-exported
 from bbem.errors import UserError
-from bbem.validation import format_validation_error, short_repr
-
-
-def apply_overrides(d: Mapping[str, Any], overrides: Iterable[str] = ()) -> dict[str, Any]:
-    """Return a new nested dict with each ``a.b.c=value`` override applied.
-
-    ``value`` is parsed with ``yaml.safe_load`` (so ``[16,32]``, ``0.3``, ``true``, ``null``
-    become list, float, bool, None); missing intermediate sections are created. A path that runs
-    through a non-dict value, or an override without ``=``, raises :class:`UserError`.
-    """
-    out: dict[str, Any] = copy.deepcopy(dict(d))
-    for item in overrides:
-        key, sep, text = str(item).partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise UserError(f"override {item!r} is not key=value: write e.g. --set bb.density=0.3")
-        parts = key.split(".")
-        if any(not p for p in parts):
-            raise UserError(f"override key {key!r} has an empty part: write e.g. bb.density")
-        try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError as e:
-            first = str(e).strip().splitlines()[0]
-            raise UserError(f"override {key}: value {text!r} is not valid YAML ({first})") from None
-        node: Any = out
-        for i, part in enumerate(parts):
-            where = ".".join(parts[: i + 1])
-            last = i == len(parts) - 1
-            if isinstance(node, list):
-                # data.train.0.z_range: a number indexes an existing list item
-                if not (part.isdigit() and int(part) < len(node)):
-                    raise UserError(
-                        f"override {key}: {where} is not an item of a list of {len(node)}"
-                    )
-                part = int(part)
-            elif not isinstance(node, dict):
-                where = ".".join(parts[:i])
-                raise UserError(
-                    f"override {key}: {where} is a value ({short_repr(node)}), not a section with keys"
-                )
-            elif not last and node.get(part) is None:
-                node[part] = {}
-            if last:
-                node[part] = value
-            else:
-                node = node[part]
-    return out
-
+from bbem.validation import format_validation_error
 
 # -- the schema -----------------------------------------------------------------------------------
 
@@ -439,19 +392,7 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> RunCo
     close-match suggestion for typos). ``data.root`` is made absolute (relative to the current
     directory) so the saved config finds the same data from anywhere.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"config file {p} not found: pass a YAML config such as configs/demo.yaml")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except UnicodeDecodeError:
-        raise UserError(f"config file {p} is not text: pass a YAML config") from None
-    except yaml.YAMLError as e:
-        first = " ".join(str(e).split())
-        raise UserError(f"config file {p} is not valid YAML: {first}") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"config file {p} must be a mapping of sections (name, data, model, ...)")
-    d = apply_overrides(raw, overrides)
+    d = read_config(path, list(overrides), example="configs/demo.yaml")
     cfg = RunConfig.from_dict(d)
     cfg.data.root = str(cfg.data.root_path())
     return cfg
