@@ -15,6 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from bbem.atomic import atomic_output
+from bbem.metrics.threshold import threshold_level
 
 
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 120) -> Path:
@@ -54,7 +55,7 @@ def plot_pr_curve(
         f1 = np.divide(2 * p[:-1] * r[:-1], s, out=np.zeros_like(s), where=s > 0)
         b = int(np.argmax(f1))
         ax.plot(r[b], p[b], "o", color="C3", label=f"best F1 {f1[b]:.3f} at t={t[b]:.2f}")
-        at05 = np.flatnonzero(t >= 128 / 255 - 1e-9)
+        at05 = np.flatnonzero(np.rint(np.asarray(t) * 255) >= threshold_level(0.5))
         if at05.size:
             i = int(at05[0])
             ax.plot(r[i], p[i], "s", color="C2", mfc="none", label=f"t=0.5: F1 {f1[i]:.3f}")
