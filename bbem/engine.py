@@ -306,6 +306,9 @@ class _Run:
         if not last.is_file():
             return
         ck = load_checkpoint(last)
+        missing = [k for k in ("step", "model", "optimizer", "scheduler") if k not in ck]
+        if missing:
+            raise UserError(f"{last} lacks {missing}: it predates resume, start the run again")
         try:
             self.model.load_state_dict(ck["model"])
             if self.bb is not None and ck.get("bb") is not None:
