@@ -21,19 +21,15 @@ SIGMA_SCALE = 0.125
 
 def model_factor(model: Any, model_config: Mapping[str, Any] | None = None) -> ZYX:
     """The network's downsampling factor (z, y, x), from its config or from a MONAI net itself."""
-    from bbem.model import downsample_factor
+    from bbem.architecture import BASICUNET_FACTOR, downsample_factor, stride_product
 
     if model_config is not None:
         return downsample_factor(model_config)
     strides = getattr(model, "strides", None)  # monai.networks.nets.UNet keeps them
     if strides is not None:
-        f = [1, 1, 1]
-        for s in strides:
-            s3 = list(s) if isinstance(s, (list, tuple)) else [s, s, s]
-            f = [a * int(b) for a, b in zip(f, s3)]
-        return tuple(f)  # type: ignore[return-value]
+        return stride_product(strides)
     if type(model).__name__ == "BasicUNet":
-        return (16, 16, 16)
+        return BASICUNET_FACTOR
     raise UserError(
         f"cannot tell the downsampling factor of a {type(model).__name__}: pass roi_size "
         "(a multiple of it) or a bbem checkpoint"

@@ -31,6 +31,7 @@ from bbem.atomic import (
     output_lock,
     partial_path,
     remove,
+    write_json,
 )
 from bbem.errors import UserError
 from bbem.infer.plan import ZYX, Plan
@@ -208,12 +209,6 @@ def resume_record(work: Path, output: Path, manifest: Mapping[str, Any]) -> dict
     return old
 
 
-def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
 # -- block markers --------------------------------------------------------------------------------
 
 
@@ -295,7 +290,7 @@ def prepare_work(
         ome["image-label"] = {"source": {"image": "../../"}}
         lab.attrs.update({"ome": ome})
     (work / DONE_DIR).mkdir()
-    _write_json(work / MANIFEST, manifest)
+    write_json(manifest, work / MANIFEST)
     return str(prob_path), None if label_path is None else str(label_path), False
 
 
@@ -323,9 +318,9 @@ def finish(work: Path, output: Path, plan: Plan, label_path: str | None, min_siz
         # Blocks label voxels independently; objects are whole only once every block is done.
         remove_small_objects(zarr.open_array(label_path, mode="r+"), min_size, slab=plan.block[0])
         man["small_removed"] = True
-        _write_json(man_path, man)
+        write_json(man, man_path)
     man["complete"] = True
-    _write_json(man_path, man)
+    write_json(man, man_path)
     shutil.rmtree(work / DONE_DIR, ignore_errors=True)
     if is_tiff(output):
         from bbem.volumes import open_volume, write_volume
