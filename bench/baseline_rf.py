@@ -101,7 +101,7 @@ def run_baseline(
 
     from bbem.config import load_config
     from bbem.data import ensure_volumes
-    from bbem.metrics import evaluate, voxel_metrics, write_json
+    from bbem.metrics import evaluate, to_uint8, voxel_metrics, write_json
     from bbem.volumes import write_volume
 
     cfg = load_config(str(config), list(overrides))
@@ -130,7 +130,7 @@ def run_baseline(
     for raw, lab, _ in val:
         f = features(raw)
         p = forest.predict_proba(f.reshape(-1, f.shape[-1]))[:, 1].reshape(lab.shape)
-        preds.append(np.rint(p * 255).astype(np.uint8))
+        preds.append(to_uint8(p))
         truths.append(lab)
         del f
     seconds = time.perf_counter() - t0
