@@ -43,13 +43,14 @@ def apply_overrides(d: Mapping[str, Any], overrides: Iterable[str] = ()) -> dict
         node: Any = out
         for i, part in enumerate(parts):
             last = i == len(parts) - 1
+            index: int | str = part
             if isinstance(node, list):
                 if not (part.isdigit() and int(part) < len(node)):
                     where = ".".join(parts[: i + 1])
                     raise UserError(
                         f"override {key}: {where} is not an item of a list of {len(node)}"
                     )
-                part = int(part)
+                index = int(part)
             elif not isinstance(node, dict):
                 short = repr(node) if len(repr(node)) <= 40 else repr(node)[:37] + "..."
                 raise UserError(
@@ -59,9 +60,9 @@ def apply_overrides(d: Mapping[str, Any], overrides: Iterable[str] = ()) -> dict
             elif not last and node.get(part) is None:
                 node[part] = {}
             if last:
-                node[part] = value
+                node[index] = value
             else:
-                node = node[part]
+                node = node[index]
     return out
 
 

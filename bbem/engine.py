@@ -3,8 +3,8 @@
 evaluation; :func:`fit` owns everything else, with one rule for each idea:
 
 - **optimiser and schedule**: ``optim.name`` (AdamW by default) at ``optim.lr``; the rate rises
-  linearly from 0 over ``optim.warmup_steps``, then follows a cosine to 0 at ``train.steps``
-  (``optim.schedule: constant`` holds it). There is no floor: the last steps fine-tune.
+  linearly from 0 over ``optim.warmup_steps``, then follows a cosine down to ``optim.lr_floor``
+  times the base rate (default 0) at ``train.steps``, or holds (``optim.schedule: constant``).
 - **the step**: forward and loss (under autocast where AMP is on), a finite-loss check *before*
   backward and the optimiser step, so a diverged step never reaches the weights or the
   checkpoints; backward, gradient clipping (``optim.grad_clip``), step, schedule, ``bb.step()``.
@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bbem.bb import BBConfig, BudgetedBroadcast, attach_bb
 from bbem.checkpoint import load_checkpoint, save_checkpoint
 from bbem.errors import UserError
 from bbem.progress import progress_bar
@@ -124,13 +125,14 @@ class Settings:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     schedule: str = "cosine"
+    #: where the cosine ends, as a fraction of ``lr``
+    lr_floor: float = 0.0
     grad_clip: float | None = None
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Settings:
-        t, o = dict(config.get("train") or {}), dict(config.get("optim") or {})
-        if "name" in o:
-            o["optimizer"] = o.pop("name")
+        t = config.get("train") or {}
+        o = {("optimizer" if k == "name" else k): v for k, v in (config.get("optim") or {}).items()}
         names = {f.name for f in fields(cls)}
         kw = {k: v for k, v in {**o, **t}.items() if k in names}
         if "steps" not in kw:
@@ -147,18 +149,22 @@ class Settings:
             )
         if self.schedule not in SCHEDULES:
             raise UserError(f"optim.schedule {self.schedule!r} is unknown: use cosine or constant")
+        if not 0 <= self.lr_floor < 1:
+            raise UserError(f"optim.lr_floor must be in [0, 1), got {self.lr_floor}")
 
 
-def lr_factor(step: int, warmup: int, total: int, schedule: str = "cosine") -> float:
+def lr_factor(
+    step: int, warmup: int, total: int, schedule: str = "cosine", floor: float = 0.0
+) -> float:
     """The multiple of the base rate used by optimiser step ``step`` (0-based): ``(step + 1) /
-    warmup`` during warm-up, then 1 (``constant``) or ``(1 + cos(pi t)) / 2`` with ``t`` the
-    fraction of the post-warm-up steps done, which reaches 0 at ``total``."""
+    warmup`` during warm-up, then 1 (``constant``) or ``floor + (1 - floor) (1 + cos(pi t)) / 2``
+    with ``t`` the fraction of the post-warm-up steps done, which reaches ``floor`` at ``total``."""
     if warmup and step < warmup:
         return (step + 1) / warmup
     if schedule == "constant":
         return 1.0
     t = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
 def pick_device(choice: str) -> torch.device:
@@ -204,13 +210,11 @@ def set_rng_state(s: Mapping[str, Any]) -> None:
 
 def to_device(batch: Any, device: torch.device) -> Any:
     """``batch`` with every tensor in it (nested tuples, lists, dicts) on ``device``."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
     if isinstance(batch, Mapping):
         return {k: to_device(v, device) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
         return type(batch)(to_device(v, device) for v in batch)
-    return batch
+    return batch.to(device) if isinstance(batch, torch.Tensor) else batch
 
 
 def attach_from_config(
@@ -219,7 +223,7 @@ def attach_from_config(
     layers: Any = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d),
     modes: Mapping[str, str] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
-) -> Any:
+) -> BudgetedBroadcast | None:
     """Attach BB (or a baseline) as a config's ``bb`` section says; None for ``method: dense``.
 
     Every key other than ``method: dense`` is a :class:`bbem.bb.BBConfig` field; a bad value is
@@ -227,8 +231,6 @@ def attach_from_config(
     """
     if not section or str(section.get("method", "bb")) == "dense":
         return None
-    from bbem.bb import BBConfig, attach_bb
-
     try:
         cfg = BBConfig(**dict(section))
     except (TypeError, ValueError) as e:
@@ -284,20 +286,19 @@ class _Run:
             self.bb.set_optimizer(self.opt)  # refreshes reset the moments of changed edges
 
         def factor(step: int) -> float:
-            return lr_factor(step, s.warmup_steps, s.steps, s.schedule)
+            return lr_factor(step, s.warmup_steps, s.steps, s.schedule, s.lr_floor)
 
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, factor)
         self.amp = device.type == "cuda" and s.amp in ("auto", True)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         task.setup(self.model, device)
-        self.step, self.elapsed0 = 0, 0.0
+        self.step, self.elapsed0, self.t0 = 0, 0.0, time.perf_counter()
         self.best: float | None = None
         self.best_step: int | None = None
         self.losses: list[float] = []  # since the last evaluation: its train_loss
         self.window: list[float] = []  # since the last loss.csv row
-        self.row: dict[str, Any] = {}
-        self.details: dict[str, Any] = {}
-        self.t0 = time.perf_counter()
+        self.row: dict[str, Any] = {}  # the last metrics row
+        self.details: dict[str, Any] = {}  # the last evaluation's checkpoint "metrics"
 
     # -- resume --------------------------------------------------------------------------------
     def restore(self) -> None:
@@ -463,23 +464,18 @@ class _Run:
 
 
 def _better(score: float, best: float | None, higher: bool) -> bool:
-    if not math.isfinite(score):
-        return False
-    return best is None or (score > best if higher else score < best)
+    return math.isfinite(score) and (best is None or (score > best if higher else score < best))
 
 
 def _saved_best(ck: Mapping[str, Any], higher: bool) -> float | None:
     """The best score so far from a checkpoint, including the two layouts before the engine:
     the EM loop's ``best`` (PR-AUC, -1 before any evaluation) and the companions' ``best_val``
     (the score negated when higher was better, +inf before any evaluation)."""
-    if "best_score" in ck:
-        return None if ck["best_score"] is None else float(ck["best_score"])
-    if "best_val" in ck:
+    if "best_val" in ck and "best_score" not in ck:
         v = float(ck["best_val"])
         return None if math.isinf(v) else (-v if higher else v)
-    if "best" in ck:
-        return float(ck["best"])
-    return None
+    v = ck.get("best_score", ck.get("best"))
+    return None if v is None else float(v)
 
 
 def _misfit(last: Path, run: Path, saved: Mapping[str, Any], now: Mapping[str, Any]) -> str:

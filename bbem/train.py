@@ -39,6 +39,8 @@ VAL_COLUMNS = (
 class CleftLoss(nn.Module):
     """``bce_weight * BCE(pos_weight) + dice_weight * Dice`` on logits ``[B, 1, Z, Y, X]``."""
 
+    pos_weight: torch.Tensor  # a buffer, so it follows the module to the device
+
     def __init__(self, bce_weight: float, dice_weight: float, pos_weight: float):
         super().__init__()
         from monai.losses import DiceLoss

@@ -76,7 +76,8 @@ def test_frequency_buckets_follow_training_counts():
     counts = Counter(w for t in texts for w in t.split())
     head = [counts[w] for w, k in b.items() if k == "head"]
     tail = [counts[w] for w, k in b.items() if k == "tail"]
-    assert min(head) >= max(tail) and set(b.values()) == {"head", "middle", "tail"}
+    assert min(head) >= max(tail)
+    assert set(b.values()) == {"head", "middle", "tail"}
 
 
 def test_zipf_sentences_make_rare_words():
@@ -93,7 +94,8 @@ def test_zipf_sentences_make_rare_words():
 
 def test_mel_filterbank_peaks_at_its_centre_frequency():
     fb = asr.mel_filterbank(20, 512)
-    assert fb.shape == (20, 257) and fb.max() == pytest.approx(1.0, abs=0.05)
+    assert fb.shape == (20, 257)
+    assert fb.max() == pytest.approx(1.0, abs=0.05)
     centres = fb.argmax(1)
     assert np.all(np.diff(centres) > 0)  # ordered low to high
 
@@ -144,8 +146,10 @@ def test_librispeech_loader_reads_the_layout(tmp_path):
     write_librispeech(tmp_path)
     tr = asr.load_librispeech(tmp_path, "train-clean-100")
     te = asr.load_librispeech(tmp_path, "test-clean")
-    assert len(tr) == 4 and len(te) == 2
-    assert {u.speaker for u in tr} == {"19", "26"} and {u.speaker for u in te} == {"61"}
+    assert len(tr) == 4
+    assert len(te) == 2
+    assert {u.speaker for u in tr} == {"19", "26"}
+    assert {u.speaker for u in te} == {"61"}
     assert tr[0].text == "hello world it's a test"  # digits and commas are not characters
     assert all(len(u.audio) == 8000 and u.audio.dtype == np.float32 for u in tr)
     assert len(asr.load_librispeech(tmp_path, "train-clean-100", max_utts=3)) == 3
@@ -169,7 +173,8 @@ def test_librispeech_run_end_to_end(tmp_path):
         train={"steps": 2, "eval_every": 2},
     )
     row = asr.run(cfg, tmp_path / "run")
-    assert row["density"] == 1.0 and 0 <= row["val_wer"]
+    assert row["density"] == 1.0
+    assert row["val_wer"] >= 0
 
 
 # -- the espeak-ng corpus and a full run -----------------------------------------------------------
@@ -178,19 +183,23 @@ def test_librispeech_run_end_to_end(tmp_path):
 @needs_espeak
 def test_speak_renders_audio():
     x = asr.speak("hello there", "en-us+f2", 160, 50)
-    assert x.dtype == np.float32 and 0.4 < len(x) / asr.SAMPLE_RATE < 3 and x.std() > 0.01
+    assert x.dtype == np.float32
+    assert 0.4 < len(x) / asr.SAMPLE_RATE < 3
+    assert x.std() > 0.01
 
 
 @needs_espeak
 def test_synth_corpus_holds_out_voices_and_is_cached(tmp_path):
     cfg = tiny_cfg(tmp_path)
     tr, te = asr.synth_corpus(cfg["data"], progress=False)
-    assert len(tr) == 16 and len(te) == 6
+    assert len(tr) == 16
+    assert len(te) == 6
     assert not {u.speaker for u in tr} & {u.speaker for u in te}
     (cache,) = (tmp_path / "cache").glob("*/corpus.npz")
     mtime = cache.stat().st_mtime_ns
     tr2, _ = asr.synth_corpus(cfg["data"], progress=False)
-    assert cache.stat().st_mtime_ns == mtime and tr2[0].text == tr[0].text
+    assert cache.stat().st_mtime_ns == mtime
+    assert tr2[0].text == tr[0].text
     np.testing.assert_array_equal(tr2[0].audio, tr[0].audio)
 
 
@@ -227,7 +236,8 @@ def test_tiny_bb_run_writes_a_run_directory(tmp_path):
     assert modes == {("blocks.0.ffn.ff1", "in"), ("blocks.0.ffn.ff2", "out")}
     ck = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
     assert {"format", "step", "config", "model", "bb", "optimizer", "metrics"} <= set(ck)
-    assert ck["step"] == 6 and ck["bb"] is not None
+    assert ck["step"] == 6
+    assert ck["bb"] is not None
     assert (run / "checkpoints" / "best.pt").is_file()
     assert yaml.safe_load((run / "config.yaml").read_text())["bb"]["method"] == "bb"
 
@@ -264,8 +274,10 @@ def test_load_config_merges_defaults_and_names_mistakes(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("model: {d_model: 64}\nbb: {method: magnitude, density: 0.3}\n")
     cfg = load_config(p, asr.DEFAULTS, ["train.steps=7", "bb.density=0.25"])
-    assert cfg["model"]["d_model"] == 64 and cfg["model"]["heads"] == asr.DEFAULTS["model"]["heads"]
-    assert cfg["train"]["steps"] == 7 and cfg["bb"] == {
+    assert cfg["model"]["d_model"] == 64
+    assert cfg["model"]["heads"] == asr.DEFAULTS["model"]["heads"]
+    assert cfg["train"]["steps"] == 7
+    assert cfg["bb"] == {
         **asr.DEFAULTS["bb"],
         "method": "magnitude",
         "density": 0.25,
@@ -279,9 +291,9 @@ def test_load_config_merges_defaults_and_names_mistakes(tmp_path):
         load_config(p, asr.DEFAULTS)
     with pytest.raises(UserError, match="featurs is unknown"):
         load_config({"featurs": {}}, asr.DEFAULTS)
-    with pytest.raises(UserError, match=r"bb section: .*density"):
-        from bbem.engine import attach_from_config
+    from bbem.engine import attach_from_config
 
+    with pytest.raises(UserError, match=r"bb section: .*density"):
         attach_from_config(torch.nn.Linear(4, 4), {"density": 2.0}, (torch.nn.Linear,))
 
 

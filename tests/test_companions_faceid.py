@@ -46,7 +46,8 @@ def test_roc_auc_matches_sklearn_with_ties(rng):
     i = np.round(rng.normal(0, 1, 2000), 1)
     ref = roc_auc_score(np.r_[np.ones(len(g)), np.zeros(len(i))], np.r_[g, i])
     assert faceid.roc_auc(g, i) == pytest.approx(ref, abs=1e-12)
-    assert faceid.roc_auc([2.0], [1.0]) == 1.0 and faceid.roc_auc([1.0], [1.0]) == 0.5
+    assert faceid.roc_auc([2.0], [1.0]) == 1.0
+    assert faceid.roc_auc([1.0], [1.0]) == 0.5
 
 
 @pytest.mark.parametrize("far", [1e-2, 1e-1, 1e-4])
@@ -62,7 +63,8 @@ def test_tar_at_far_matches_sklearn_roc_curve(rng, far):
 def test_pair_scores_split_same_and_different():
     emb = np.array([[1.0, 0], [1, 0.01], [0, 1], [0, 2]])
     same, diff = faceid.pair_scores(emb, np.array([0, 0, 1, 1]))
-    assert len(same) == 2 and len(diff) == 4
+    assert len(same) == 2
+    assert len(diff) == 4
     np.testing.assert_allclose(same, 1.0, atol=1e-3)
     assert faceid.verification(emb, np.array([0, 0, 1, 1]))["auc"] == 1.0
 
@@ -72,7 +74,10 @@ def test_pair_scores_split_same_and_different():
 
 def test_synth_identities_are_stable_and_distinct():
     x, y = faceid.synth_faces(12, 6, seed=3, size=24)
-    assert x.shape == (72, 24, 24) and x.dtype == np.float32 and 0 <= x.min() and x.max() <= 1
+    assert x.shape == (72, 24, 24)
+    assert x.dtype == np.float32
+    assert x.min() >= 0
+    assert x.max() <= 1
     x2, _ = faceid.synth_faces(12, 3, seed=3, size=24)
     np.testing.assert_array_equal(x2[:3], x[:3])  # identity 0 does not depend on per_id
     # with little nuisance, identity is in the raw pixels (nearest centroid); at full
@@ -89,8 +94,10 @@ def test_synth_identities_are_stable_and_distinct():
 def test_synth_data_is_cached_with_disjoint_unseen_identities(tmp_path):
     d = tiny_cfg(tmp_path)["data"]
     a = faceid.synth_data(d)
-    assert a.train_x.shape == (24, 16, 16) and a.test_x.shape == (12, 16, 16)
-    assert a.unseen_x.shape == (12, 16, 16) and a.n_classes == 6
+    assert a.train_x.shape == (24, 16, 16)
+    assert a.test_x.shape == (12, 16, 16)
+    assert a.unseen_x.shape == (12, 16, 16)
+    assert a.n_classes == 6
     (cache,) = (tmp_path / "cache").glob("*/faces.npz")
     mtime = cache.stat().st_mtime_ns
     b = faceid.synth_data(d)
@@ -124,7 +131,9 @@ def test_image_folder_loader(tmp_path, rng):
     write_folder(tmp_path, rng)
     x, y, names = faceid.load_image_folder(tmp_path, 16)
     assert names == ["alice", "bob", "carol", "dave"]  # "empty" has no images
-    assert x.shape == (13, 16, 16) and x.dtype == np.float32 and x.max() <= 1
+    assert x.shape == (13, 16, 16)
+    assert x.dtype == np.float32
+    assert x.max() <= 1
     assert np.bincount(y).tolist() == [4, 3, 1, 5]
     assert x[y == 1][0].mean() == pytest.approx(40 / 255, abs=1e-3)
     with pytest.raises(UserError, match=r"data\.root"):
@@ -138,8 +147,10 @@ def test_split_identities(tmp_path, rng):
     x, y, _ = faceid.load_image_folder(tmp_path, 16)
     d = faceid.split_identities(x, y, unseen_fraction=0.0, test_per_id=1, seed=0)
     # carol has one image: nothing to hold out, so she is verified, not identified
-    assert len(d.unseen_y) == 1 and d.n_classes == 3
-    assert len(d.test_y) == 3 and sorted(np.bincount(d.test_y).tolist()) == [1, 1, 1]
+    assert len(d.unseen_y) == 1
+    assert d.n_classes == 3
+    assert len(d.test_y) == 3
+    assert sorted(np.bincount(d.test_y).tolist()) == [1, 1, 1]
     assert len(d.train_y) == 13 - 1 - 3
     with pytest.raises(UserError, match="test_per_id"):
         faceid.split_identities(x, y, 0.0, test_per_id=9, seed=0)
@@ -151,7 +162,8 @@ def test_real_faces_and_augmented_copies():
         pytest.skip("skimage.data.lfw_subset() is not available offline")
     assert real.shape == (100, 32, 32)
     a, src = faceid.augment_copies(real[:3], 4, seed=0)
-    assert a.shape == (12, 32, 32) and src.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert a.shape == (12, 32, 32)
+    assert src.tolist() == [0] * 4 + [1] * 4 + [2] * 4
     # copies stay close to their source, closer than to other faces
     d_same = np.abs(a[:4] - real[0]).mean()
     d_other = np.abs(a[:4] - real[1]).mean()
@@ -192,7 +204,8 @@ def test_tiny_bb_run_writes_a_run_directory(tmp_path):
     # `bbem report` reads a companion run like an EM one
     report = pytest.importorskip("bbem.report")
     report.make_report(run)
-    assert (run / "report" / "curves.png").is_file() and (run / "report" / "balance.png").is_file()
+    assert (run / "report" / "curves.png").is_file()
+    assert (run / "report" / "balance.png").is_file()
 
 
 def test_magnitude_and_dense_at_the_same_density(tmp_path):
@@ -243,7 +256,8 @@ def test_quick_config_learns(tmp_path):
     cfg["bb"] = {"method": "dense"}
     cfg["train"]["quiet"] = True
     row = faceid.run(cfg, tmp_path / "run")
-    assert row["val_top1"] > 0.5 and row["val_auc"] > 0.8
+    assert row["val_top1"] > 0.5
+    assert row["val_auc"] > 0.8
 
 
 def test_unit_means_decorrelation_matches_numpy():

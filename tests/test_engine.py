@@ -106,7 +106,11 @@ def test_schedule_warms_up_then_decays_to_zero(tmp_path):
     assert lr_factor(8, 4, 12) == pytest.approx(0.5)
     assert lr_factor(12, 4, 12) == pytest.approx(0.0, abs=1e-12)  # no floor
     assert lr_factor(30, 4, 12) == pytest.approx(0.0, abs=1e-12)
-    assert lr_factor(8, 4, 12, "constant") == 1.0 and lr_factor(1, 4, 12, "constant") == 0.5
+    assert lr_factor(8, 4, 12, "constant") == 1.0
+    assert lr_factor(1, 4, 12, "constant") == 0.5
+    assert lr_factor(12, 4, 12, floor=0.05) == pytest.approx(0.05)  # a floor where asked for
+    assert lr_factor(8, 4, 12, floor=0.05) == pytest.approx(0.05 + 0.95 * 0.5)
+    assert lr_factor(1, 4, 12, floor=0.05) == 0.5  # warm-up ignores it
     # the run follows the rule: loss.csv's lr after step s is the rate of step s (0-based)
     cfg = _cfg()
     fit(Tiny(cfg), cfg, tmp_path / "run", progress=False)
@@ -136,9 +140,9 @@ def test_best_checkpoint_follows_the_score_direction(tmp_path, higher):
     step, score = (9, 0.9) if higher else (6, 0.2)
     rows = _table(tmp_path / "run" / "metrics.csv")
     assert [float(r["val_score"]) for r in rows] == [0.5, 0.2, 0.9, 0.4]
-    assert out["best_step"] == step and out["best_score"] == score
+    assert (out["best_step"], out["best_score"]) == (step, score)
     best = _load(tmp_path / "run" / "checkpoints" / "best.pt")
-    assert best["step"] == step and best["best_score"] == score
+    assert (best["step"], best["best_score"]) == (step, score)
     assert best["metrics"]["val_score"] == score
     held = task.snapshots[step // 3 - 1]  # the weights evaluated at that step
     assert all(torch.equal(best["model"][k], held[k]) for k in held)
@@ -154,7 +158,8 @@ def test_thread_count_is_restored_on_return_and_on_error(tmp_path):
         evaluate = task.evaluate
         task.evaluate = lambda m: seen.append(torch.get_num_threads()) or evaluate(m)
         fit(task, cfg, tmp_path / "a", progress=False)
-        assert seen == [2] and torch.get_num_threads() == 1
+        assert seen == [2]
+        assert torch.get_num_threads() == 1
         cfg = _cfg(threads=2)
         with pytest.raises(UserError):
             fit(Tiny(cfg, nan_at=2), cfg, tmp_path / "b", progress=False)
@@ -175,9 +180,8 @@ def test_resume_after_a_crash_equals_an_unbroken_run(tmp_path, monkeypatch):
     for ck in ("last", "best"):
         a = _load(tmp_path / "whole" / "checkpoints" / f"{ck}.pt")
         b = _load(tmp_path / "broken" / "checkpoints" / f"{ck}.pt")
-        assert a["step"] == b["step"] and all(
-            torch.equal(a["model"][k], b["model"][k]) for k in a["model"]
-        )
+        assert a["step"] == b["step"]
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     with pytest.raises(UserError, match="already finished"):
         fit(Tiny(cfg), cfg, tmp_path / "broken", resume=True, progress=False)
 
@@ -214,6 +218,7 @@ def test_checkpoints_from_before_the_engine_keep_their_best():
         ("train", "eval_every", 0, "train.eval_every"),
         ("optim", "name", "lbfgs", "optim.name"),
         ("optim", "schedule", "step", "optim.schedule"),
+        ("optim", "lr_floor", 1.0, "optim.lr_floor"),
         ("bb", "density", 2.0, "bb section"),
     ],
 )

@@ -99,7 +99,8 @@ def test_every_method_trains_and_validates(volumes, tmp_path, bb):
     rows = _rows(run / "metrics.csv")
     assert [int(r["step"]) for r in rows] == [3, 6]
     for r in rows:
-        assert 0 <= float(r["val_pr_auc"]) <= 1 and np.isfinite(float(r["train_loss"]))
+        assert 0 <= float(r["val_pr_auc"]) <= 1
+        assert np.isfinite(float(r["train_loss"]))
     want = 1.0 if bb["method"] == "dense" else bb["density"]
     assert float(rows[-1]["density"]) == pytest.approx(want)
     # best.pt: the evaluation with the highest PR-AUC, holding the weights that scored it
@@ -117,7 +118,8 @@ def test_every_method_trains_and_validates(volumes, tmp_path, bb):
         assert (run / name).is_file(), name
     assert (run / "bb.csv").is_file() == (bb["method"] != "dense")
     ck = torch.load(run / "checkpoints/last.pt", weights_only=False)
-    assert ck["step"] == 6 and {"model", "optimizer", "scheduler", "bb", "rng"} <= set(ck)
+    assert ck["step"] == 6
+    assert {"model", "optimizer", "scheduler", "bb", "rng"} <= set(ck)
     if bb["method"] != "dense":
         bbrows = _rows(run / "bb.csv")
         assert {int(r["step"]) for r in bbrows} == {3, 6}
@@ -200,7 +202,8 @@ def test_config_errors_exit_2_with_one_line(volumes, tmp_path, capsys, override,
     path = _config(volumes, tmp_path, method="bb", density=0.5)
     assert cli_main(["train", str(path), "--set", override, "--run-dir", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1
+    assert message in err
+    assert len(err.splitlines()) == 1
     assert not (tmp_path / "r").exists()  # failed before any work
 
 
