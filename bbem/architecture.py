@@ -61,7 +61,7 @@ def stride_product(strides: Sequence[int | Sequence[int]]) -> tuple[int, int, in
     f = [1, 1, 1]
     for s in strides:
         s3 = list(s) if isinstance(s, (list, tuple)) else [s, s, s]
-        f = [a * int(b) for a, b in zip(f, s3)]
+        f = [a * int(b) for a, b in zip(f, s3, strict=True)]
     return (f[0], f[1], f[2])
 
 

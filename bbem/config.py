@@ -345,8 +345,8 @@ class RunConfig(_Section):
     def _patch_fits_model(self) -> RunConfig:
         f = self.model.downsample_factor()
         p = self.data.patch_size
-        if any(s % k for s, k in zip(p, f)):
-            fix = [max(k, round(s / k) * k) for s, k in zip(p, f)]
+        if any(s % k for s, k in zip(p, f, strict=True)):
+            fix = [max(k, round(s / k) * k) for s, k in zip(p, f, strict=True)]
             raise ValueError(
                 f"data.patch_size {list(p)} must be a multiple of the model's downsample factor "
                 f"{list(f)} along z, y, x: try {fix}"

@@ -9,7 +9,8 @@ def test_file_appears_only_when_complete(tmp_path):
     with atomic_output(out) as tmp:
         tmp.write_text("x")
         assert not out.exists()
-    assert out.read_text() == "x" and not partial_path(out).exists()
+    assert out.read_text() == "x"
+    assert not partial_path(out).exists()
 
 
 def test_failure_leaves_nothing_and_keeps_old(tmp_path):
@@ -17,11 +18,17 @@ def test_failure_leaves_nothing_and_keeps_old(tmp_path):
     out.mkdir()
     (out / "zarr.json").write_text("{}")  # a zarr store bbem wrote: overwrite may replace it
     (out / "old").write_text("keep")
-    with pytest.raises(RuntimeError), atomic_output(out, overwrite=True) as tmp:
-        tmp.mkdir()
-        (tmp / "new").write_text("half")
-        raise RuntimeError("killed")
-    assert (out / "old").read_text() == "keep" and not partial_path(out).exists()
+
+    def killed_half_way():
+        with atomic_output(out, overwrite=True) as tmp:
+            tmp.mkdir()
+            (tmp / "new").write_text("half")
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        killed_half_way()
+    assert (out / "old").read_text() == "keep"
+    assert not partial_path(out).exists()
 
 
 def test_existing_output_refused_without_overwrite(tmp_path):

@@ -133,7 +133,8 @@ def test_every_command_refuses_every_bad_file_in_one_line(
     code = main(argv)
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert code == 2, (argv, err)
-    assert len(err) == 1 and err[0].startswith(f"bbem {argv[0]}: error: "), err
+    assert len(err) == 1, err
+    assert err[0].startswith(f"bbem {argv[0]}: error: "), err
     after = {p: p.read_bytes() for p in [bad, *bad.rglob("*")] if p.is_file()}
     assert after == before  # the bad file itself is left as it was
     assert not any(p.name.endswith(".partial") for p in tmp_path.rglob("*"))

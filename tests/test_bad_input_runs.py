@@ -63,7 +63,8 @@ def test_train_run_dir_under_a_file(d):
     err = assert_user_error(
         run_bbem("train", d.config, "--run-dir", d.afile / "sub" / "run"), "train"
     )
-    assert "is a file, not a folder" in err and "--run-dir" in err
+    assert "is a file, not a folder" in err
+    assert "--run-dir" in err
     assert d.afile.read_text() == "not a folder\n"
 
 
@@ -96,7 +97,8 @@ def test_train_write_refused_by_the_os_is_one_line(d, tmp_path):
         timeout=300,
     )
     err = assert_user_error(r, "train")
-    assert "Permission denied" in err and "choose a writable --run-dir" in err
+    assert "Permission denied" in err
+    assert "choose a writable --run-dir" in err
     assert not run.exists()  # the failed start is gone: the same --run-dir can be used again
 
 
@@ -109,7 +111,8 @@ def test_train_resume_with_another_model_config(d, tmp_path):
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     before = tree_digest(run)
     err = assert_user_error(run_bbem("train", "--resume", run), "train")
-    assert "does not fit the model config" in err and "model.channels" in err
+    assert "does not fit the model config" in err
+    assert "model.channels" in err
     assert tree_digest(run) == before
 
 
@@ -132,7 +135,8 @@ def test_infer_volume_smaller_than_a_window(d, tmp_path):
     small = _write(tmp_path / "small.zarr", _raw(np.random.default_rng(1), (2, 8, 8)))
     out = tmp_path / "o.zarr"
     err = assert_user_error(run_bbem("infer", d.ckpt, small, out), "infer")
-    assert "too small" in err and "2,16,16" in err
+    assert "too small" in err
+    assert "2,16,16" in err
     assert list(tmp_path.iterdir()) == [small]
 
 
@@ -146,7 +150,8 @@ def test_infer_corrupt_chunk_fails_cleanly_and_leaves_no_partial(d, tmp_path):
     assert "cannot read" in err
     assert tree_digest(bad) == before
     # no block was finished: no .partial that would ask the corrected command for --overwrite
-    assert not out.exists() and not (tmp_path / "o.zarr.partial").exists()
+    assert not out.exists()
+    assert not (tmp_path / "o.zarr.partial").exists()
     shutil.rmtree(bad)
     shutil.copytree(d.raw, bad)  # the input restored from a good copy
     assert run_bbem("infer", d.ckpt, bad, out).returncode == 0
@@ -182,7 +187,8 @@ def test_infer_resume_with_a_damaged_run_record(d, tmp_path):
     err = assert_user_error(
         run_bbem("infer", d.ckpt, d.raw, tmp_path / "o.zarr", "--resume"), "infer"
     )
-    assert "damaged run record" in err and "--overwrite" in err
+    assert "damaged run record" in err
+    assert "--overwrite" in err
     assert tree_digest(work) == before
 
 
@@ -199,7 +205,8 @@ def test_infer_resume_of_an_output_made_from_another_input(d, tmp_path):
     shutil.copytree(d.done, out)
     before = tree_digest(out)
     err = assert_user_error(run_bbem("infer", d.ckpt, d.raw2, out, "--resume"), "infer")
-    assert "another input" in err and "--overwrite" in err
+    assert "another input" in err
+    assert "--overwrite" in err
     assert tree_digest(out) == before
 
 
@@ -208,7 +215,8 @@ def test_infer_warns_of_a_costly_halo(d, tmp_path):
     r = run_bbem("infer", d.ckpt, d.raw, out, "--halo", "3,24,24")
     assert r.returncode == 0, r.stderr
     lines = r.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("bbem infer: warning: "), r.stderr
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("bbem infer: warning: "), r.stderr
     assert "27x" in lines[0]  # windows 1,8,8 apart instead of 3,24,24: 3 * 3 * 3
     assert out.is_dir()
 
@@ -229,7 +237,8 @@ def test_report_folder_that_cannot_be_made(d, tmp_path):
     before = tree_digest(run)
     err = assert_user_error(run_bbem("report", run), "report")
     assert "cannot create the report folder" in err
-    assert tree_digest(run) == before and (run / "report").is_symlink()
+    assert tree_digest(run) == before
+    assert (run / "report").is_symlink()
 
 
 def test_train_refuses_a_run_dir_inside_its_data_and_a_val_box_without_clefts(d, tmp_path):

@@ -75,7 +75,8 @@ def test_convert_bad_tiff_folder(tmp_path: Path, case: str) -> None:
 def test_convert_bad_hdf5(tmp_path: Path, content: bytes) -> None:
     (tmp_path / "sample.hdf").write_bytes(content)
     line = refused(tmp_path, "convert", "sample.hdf", "out.zarr")
-    assert "sample.hdf" in line and ("empty" in line) == (not content)
+    assert "sample.hdf" in line
+    assert ("empty" in line) == (not content)
 
 
 def test_convert_truncated_tiff(tmp_path: Path) -> None:
@@ -84,7 +85,8 @@ def test_convert_truncated_tiff(tmp_path: Path) -> None:
     whole = (tmp_path / "stack.tif").read_bytes()
     (tmp_path / "stack.tif").write_bytes(whole[: len(whole) // 2])
     line = refused(tmp_path, "convert", "stack.tif", "out.zarr")
-    assert "stack.tif" in line and "truncated" in line
+    assert "stack.tif" in line
+    assert "truncated" in line
 
 
 @pytest.mark.parametrize("damage", ["garbage_chunk", "empty_chunk", "broken_zarr_json"])
@@ -97,7 +99,8 @@ def test_convert_damaged_zarr(tmp_path: Path, damage: str) -> None:
         chunk = _chunk_files(tmp_path / "in.zarr")[3]
         chunk.write_bytes(b"\x13garbage" * 8 if damage == "garbage_chunk" else b"")
     line = refused(tmp_path, "convert", "in.zarr", "out.zarr")
-    assert "in.zarr" in line and ("damaged" in line)
+    assert "in.zarr" in line
+    assert "damaged" in line
     if damage != "broken_zarr_json":
         assert "block z " in line
 
@@ -128,8 +131,10 @@ def test_os_refusing_the_write_is_one_line(tmp_path: Path, monkeypatch, capsys) 
     monkeypatch.setattr(convert_mod, "create_container", refuse)
     rc = cli.main(["convert", str(tmp_path / "in.zarr"), str(tmp_path / "out.zarr")])
     err = capsys.readouterr().err
-    assert rc == 2 and len(err.splitlines()) == 1, err
-    assert err.startswith("bbem convert: error: cannot write ") and "Permission denied" in err
+    assert rc == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("bbem convert: error: cannot write ")
+    assert "Permission denied" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.zarr"]
 
 
@@ -154,7 +159,8 @@ def test_ctrl_c_during_convert_leaves_nothing(tmp_path: Path) -> None:
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 130, err
-    assert "Traceback" not in err and err.splitlines() == ["bbem convert: interrupted"], err
+    assert "Traceback" not in err, err
+    assert err.splitlines() == ["bbem convert: interrupted"], err
     assert tree_digest(tmp_path) == before
     assert sorted(x.name for x in tmp_path.iterdir()) == ["in.zarr"]
 
@@ -164,7 +170,9 @@ def test_convert_refuses_rgb_tiff(tmp_path: Path, shape: tuple[int, ...]) -> Non
     rgb = np.random.default_rng(0).integers(0, 255, shape, dtype=np.uint8)
     tifffile.imwrite(tmp_path / "colour.tif", rgb, photometric="rgb")
     line = refused(tmp_path, "convert", "colour.tif", "out.zarr")
-    assert "colour image" in line and "mean(axis=-1)" in line and "ImageJ" in line
+    assert "colour image" in line
+    assert "mean(axis=-1)" in line
+    assert "ImageJ" in line
 
 
 def test_infer_refuses_rgb_tiff(tmp_path: Path) -> None:
@@ -196,7 +204,8 @@ def test_infer_refuses_rgb_tiff(tmp_path: Path) -> None:
 def test_synth_into_read_only_folder(tmp_path: Path, read_only_dir: Path) -> None:
     assert "not writable" in refused(tmp_path, "synth", "ro/s.zarr", "--shape", "2,32,32")
     line = refused(tmp_path, "synth", "s.zarr", "--shape", "2,32,32", "--preview", "ro/p.png")
-    assert "ro/p.png" in line and not (tmp_path / "s.zarr").exists()
+    assert "ro/p.png" in line
+    assert not (tmp_path / "s.zarr").exists()
 
 
 def test_synth_preview_unwritable_is_refused_before_the_volume(tmp_path: Path) -> None:
@@ -229,7 +238,9 @@ def scene(tmp_path: Path) -> Path:
 def test_evaluate_damaged_prediction_chunk(scene: Path) -> None:
     _chunk_files(scene / "pred.zarr")[5].write_bytes(b"\x28\xb5\x2f\xfd garbage")
     line = refused(scene, "evaluate", "pred.zarr", "truth.zarr")
-    assert "pred.zarr" in line and "damaged" in line and "block z " in line
+    assert "pred.zarr" in line
+    assert "damaged" in line
+    assert "block z " in line
 
 
 @pytest.mark.parametrize("target", ["notes.txt/r.json", "notes.txt/sub/r.json"])
@@ -241,7 +252,8 @@ def test_evaluate_json_under_a_regular_file(scene: Path, target: str) -> None:
 
 def test_evaluate_negative_min_size(scene: Path) -> None:
     line = refused(scene, "evaluate", "pred.zarr", "truth.zarr", "--min-size", "-5")
-    assert "--min-size" in line and "-5" in line
+    assert "--min-size" in line
+    assert "-5" in line
 
 
 @pytest.mark.parametrize("dtype", ["int16", "uint16", "int32"])
@@ -257,7 +269,8 @@ def test_evaluate_refuses_raw_intensities_as_truth(scene: Path, kind: str) -> No
     raw = rng.random(SHAPE).astype(np.float32) if kind == "float" else rng.integers(1, 255, SHAPE)
     write_volume(scene / "raw.zarr", raw.astype(np.float32 if kind == "float" else np.uint8))
     line = refused(scene, "evaluate", "pred.zarr", "raw.zarr")
-    assert "raw.zarr" in line and ("raw intensities" in line)
+    assert "raw.zarr" in line
+    assert "raw intensities" in line
     if kind == "raw_uint8":
         assert "looks like raw intensities, not labels" in line
 
@@ -268,7 +281,8 @@ def test_evaluate_without_cleft_voxels_says_undefined(scene: Path) -> None:
         "evaluate", "pred.zarr", "empty.zarr", "--json", "r.json", cwd=scene, env={"COLUMNS": "200"}
     )
     assert r.returncode == 0, r.stderr
-    assert "undefined (no cleft voxels)" in r.stdout and "-0" not in r.stdout
+    assert "undefined (no cleft voxels)" in r.stdout
+    assert "-0" not in r.stdout
     assert json.loads((scene / "r.json").read_text())["voxel"]["pr_auc"] is None
 
 

@@ -58,7 +58,8 @@ def test_dense_layers_left_alone_where_fan_is_one():
     model = NETS["unet3d"]()
     bb = attach_bb(model, BBConfig(density=0.5), layers=(nn.Conv3d,))
     for layer in bb.layers.values():
-        assert layer.c_in > 1 and layer.c_out > 1
+        assert layer.c_in > 1
+        assert layer.c_out > 1
     convs = [m for m in model.modules() if isinstance(m, nn.Conv3d)]
     assert len(bb.layers) < len(convs)  # first conv (C_in 1) and output conv (C_out 1) skipped
 
@@ -86,7 +87,8 @@ def test_rule_fits_the_balance_line():
     a = torch.rand(U, generator=g) * 0.5 + 0.25  # logit in about +-1.1: no clipping at spread 0.2
     deg = bb_degrees(a, K, total=round(0.5 * U * K), spread=0.2, k_min=1, k_max=None)
     assert int(deg.sum()) == round(0.5 * U * K)
-    assert deg.min() > 1 and deg.max() < K
+    assert deg.min() > 1
+    assert deg.max() < K
     fit = balance_fit(a, deg, K)
     assert fit["r2"] > 0.95
     # log((1-a)/a) = beta k with beta K = 1 / spread: the paper's balance line
@@ -106,7 +108,8 @@ def test_solve_budget_properties(u, k, density, seed, spread):
     a = torch.rand(u, generator=g)
     total = round(density * u * k)
     deg = bb_degrees(a, k, total, spread, k_min=1, k_max=None)
-    assert deg.min() >= min(1, k) and deg.max() <= k
+    assert deg.min() >= min(1, k)
+    assert deg.max() <= k
     assert int(deg.sum()) == max(total, u * min(1, k))
     order = torch.argsort(a.clamp(1e-4, 1 - 1e-4))
     assert torch.all(deg[order][1:] <= deg[order][:-1])
@@ -120,7 +123,8 @@ def test_solve_budget_respects_caps():
         torch.tensor([1.0, 10, 10, 10]),
         total=20,
     )
-    assert deg.tolist()[0] == 1 and int(deg.sum()) == 20
+    assert deg.tolist()[0] == 1
+    assert int(deg.sum()) == 20
 
 
 def test_solve_budget_matches_bisection_on_large_layers():
@@ -141,7 +145,8 @@ def test_solve_budget_matches_bisection_on_large_layers():
     real = torch.minimum(torch.maximum(base + a * slope, lo), hi)
     assert int(deg.sum()) == total
     assert torch.all((deg - real).abs() < 1 + 1e-6)
-    assert torch.all(deg >= lo) and torch.all(deg <= hi)
+    assert torch.all(deg >= lo)
+    assert torch.all(deg <= hi)
 
 
 @settings(max_examples=40, deadline=None)
@@ -234,10 +239,12 @@ def test_optimizer_moments_reset_for_changed_edges():
 def test_schedule_warmup_ramp_and_interval():
     model = FeedForward()
     bb = attach_bb(model, BBConfig(density=0.2, warmup_steps=3, ramp_steps=10, refresh_every=5))
-    assert bb.target_density(0) == 1.0 and bb.target_density(2) == 1.0
+    assert bb.target_density(0) == 1.0
+    assert bb.target_density(2) == 1.0
     assert bb.target_density(3) == pytest.approx(1.0)
     assert bb.target_density(8) == pytest.approx(0.2 + 0.8 * 0.5**3)
-    assert bb.target_density(13) == pytest.approx(0.2) and bb.target_density(100) == 0.2
+    assert bb.target_density(13) == pytest.approx(0.2)
+    assert bb.target_density(100) == 0.2
     _, refreshed = _train(model, bb, batch_for("ffn"), 14)
     assert refreshed == [3, 8, 13]
     assert all(torch.all(layer.mask.mask == 1) for layer in bb.layers.values()) is False
@@ -323,7 +330,8 @@ def test_bake_keeps_outputs_and_leaves_a_plain_model(net):
 def test_modes_override_per_layer():
     model = FeedForward()
     bb = attach_bb(model, BBConfig(density=0.5, mode="in"), modes={"ff2": "out"})
-    assert bb.layers["ff1"].mode == "in" and bb.layers["ff2"].mode == "out"
+    assert bb.layers["ff1"].mode == "in"
+    assert bb.layers["ff2"].mode == "out"
     assert bb.layers["ff2"].units == 32
 
 
@@ -376,7 +384,8 @@ def test_diagnostics_against_numpy():
     fit = balance_fit(torch.tensor(on), torch.tensor(k), 64)
     y = np.log((1 - on) / on)
     slope, intercept = np.polyfit(k / 64, y, 1)
-    assert fit["slope"] == pytest.approx(slope) and fit["intercept"] == pytest.approx(intercept)
+    assert fit["slope"] == pytest.approx(slope)
+    assert fit["intercept"] == pytest.approx(intercept)
 
 
 def test_stats_and_summary_shapes():
@@ -384,11 +393,14 @@ def test_stats_and_summary_shapes():
     bb = attach_bb(model, BBConfig(density=0.5, refresh_every=1), modes={"ff2": "out"})
     _train(model, bb, batch_for("ffn"), 2)
     st = bb.stats()
-    assert st["ff1"]["fan_in"].shape == (32,) and st["ff1"]["fan_out"].shape == (16,)
-    assert st["ff1"]["on_rate"].shape == (32,) and st["ff2"]["on_rate"].shape == (32,)
+    assert st["ff1"]["fan_in"].shape == (32,)
+    assert st["ff1"]["fan_out"].shape == (16,)
+    assert st["ff1"]["on_rate"].shape == (32,)
+    assert st["ff2"]["on_rate"].shape == (32,)
     assert st["ff1"]["density"] == pytest.approx(0.5)
     s = bb.summary()
-    assert s["density"] == pytest.approx(0.5) and 0 < s["model_param_density"] < 1
+    assert s["density"] == pytest.approx(0.5)
+    assert 0 < s["model_param_density"] < 1
     assert set(st["ff1"]["balance"]) >= {"slope", "intercept", "r2"}
 
 
@@ -432,7 +444,9 @@ def test_deepcopy_gives_the_copy_its_own_probes(mode):
     bb = attach_bb(model, BBConfig(density=0.5, mode=mode, warmup_steps=0), optimizer=opt)
     twin = copy.deepcopy(model)
     twin_bb = twin._bbem_bb
-    assert twin_bb is not bb and twin_bb.model is twin and twin_bb.optimizer is None
+    assert twin_bb is not bb
+    assert twin_bb.model is twin
+    assert twin_bb.optimizer is None
     twin.train()
     twin(batch_for("ffn"))
     assert all(layer.probe.count == 0 for layer in bb.layers.values())  # original untouched
@@ -480,7 +494,8 @@ def test_tiers_busy_units_keep_fewer_edges_than_rare(mode):
     bb.refresh()
     deg = rec.unit_mask().sum(1)
     busy, rare, mid = deg[a > cfg.tier_high], deg[a < cfg.tier_low], deg[(a >= 0.1) & (a <= 0.7)]
-    assert busy.max() < rare.min() and busy.max() < mid.min()
+    assert busy.max() < rare.min()
+    assert busy.max() < mid.min()
     # the tiers' ratio: busy keep dens_busy / dens_rare of what rare units keep (to rounding)
     assert float(busy.float().mean() / rare.float().mean()) == pytest.approx(
         cfg.dens_busy / cfg.dens_rare, abs=0.05

@@ -31,7 +31,8 @@ def test_bad_zyx_is_a_usage_error(capsys):
 
 def test_console_entry_point_runs():
     r = subprocess.run([sys.executable, "-m", "bbem", "--help"], capture_output=True, text=True)
-    assert r.returncode == 0 and "bbem" in r.stdout
+    assert r.returncode == 0
+    assert "bbem" in r.stdout
 
 
 def test_evaluate_options_reach_evaluate(tmp_path, monkeypatch):
@@ -46,5 +47,8 @@ def test_evaluate_options_reach_evaluate(tmp_path, monkeypatch):
     monkeypatch.setattr(bbem.metrics, "evaluate_from_cli", fake)
     argv = ["evaluate", "p.zarr", "t.zarr", "--min-size", "5", "--voxel-size", "40,4,4"]
     assert main([*argv, "--match-distance", "150", "--connectivity", "6", "--no-cremi"]) == 0
-    assert seen["min_size"] == 5 and seen["voxel_size"] == (40.0, 4.0, 4.0)
-    assert seen["match_distance_nm"] == 150 and seen["connectivity"] == 6 and seen["cremi"] is False
+    assert seen["min_size"] == 5
+    assert seen["voxel_size"] == (40.0, 4.0, 4.0)
+    assert seen["match_distance_nm"] == 150
+    assert seen["connectivity"] == 6
+    assert seen["cremi"] is False

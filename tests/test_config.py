@@ -53,7 +53,7 @@ def test_shipped_configs_validate_and_round_trip(path, monkeypatch):
     monkeypatch.chdir(REPO)
     cfg = load_config(path)
     f = cfg.model.downsample_factor()
-    assert all(s % k == 0 for s, k in zip(cfg.data.patch_size, f))
+    assert all(s % k == 0 for s, k in zip(cfg.data.patch_size, f, strict=True))
     # the saved config.yaml reads back to the same config
     again = RunConfig.from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))
     assert again == cfg
@@ -159,8 +159,8 @@ def test_monai_layer_names_match_the_installed_monai():
 
     from bbem.architecture import MONAI_ACTS, MONAI_NORMS
 
-    assert MONAI_NORMS == tuple(n.lower() for n in Norm.names)
-    assert MONAI_ACTS == tuple(n.lower() for n in Act.names)
+    assert tuple(n.lower() for n in Norm.names) == MONAI_NORMS
+    assert tuple(n.lower() for n in Act.names) == MONAI_ACTS
 
 
 def test_one_downsample_factor():
@@ -186,7 +186,7 @@ def test_overrides_apply_before_validation(demo):
 
 
 @pytest.mark.parametrize(
-    "override, message",
+    ("override", "message"),
     [
         ("bb.densty=0.3", "config error: bb.densty is not a field; did you mean bb.density?"),
         ("bb.density=1.5", "config error: bb.density must be in (0, 1], got 1.5"),
@@ -269,11 +269,14 @@ def test_defaults_and_empty_sections(tmp_path, monkeypatch):
     assert cfg.model.model_dump(mode="json") == {**DEFAULT_MODEL}
     assert cfg.data.patch_size == (16, 160, 160)
     assert (cfg.data.batch_size, cfg.data.pos_fraction, cfg.data.workers) == (2, 0.5, 0)
-    assert cfg.bb.method == "dense" and cfg.bb_kwargs() is None
+    assert cfg.bb.method == "dense"
+    assert cfg.bb_kwargs() is None
     assert cfg.data.root == str(tmp_path.resolve())
     assert cfg.data.resolve("a") == tmp_path.resolve() / "a"
     assert cfg.data.resolve("/x/y") == Path("/x/y")
-    assert cfg.loss.pos_weight == 2.0 and cfg.optim.lr == 1e-3 and cfg.train.device == "auto"
+    assert cfg.loss.pos_weight == 2.0
+    assert cfg.optim.lr == 1e-3
+    assert cfg.train.device == "auto"
 
 
 def test_bb_kwargs_build_the_cores_config(demo):
@@ -298,7 +301,8 @@ def test_bb_section_is_bbconfig_plus_dense():
     assert set(fields) == set(core)
     ours = BBSection(method="bb", density=0.5).model_dump()
     assert ours == {**core, "method": "bb", "density": 0.5}
-    assert BBSection().method == "dense" and BBSection().density is None
+    assert BBSection().method == "dense"
+    assert BBSection().density is None
     for name, allowed in CHOICES.items():
         extra = ("dense",) if name == "method" else ()
         assert typing.get_args(fields[name].annotation) == (*extra, *allowed), name
@@ -323,7 +327,7 @@ def test_bb_section_is_bbconfig_plus_dense():
 
 
 @pytest.mark.parametrize(
-    "override, message",
+    ("override", "message"),
     [
         ("bb.min_fan=0", "bb.min_fan must be greater than or equal to 1, got 0"),
         ("bb.tier_low=0.9", "bb.tier_low (0.9) must not exceed bb.tier_high (0.7)"),

@@ -51,14 +51,17 @@ def test_cremi_converts_whole_container(tmp_path: Path) -> None:
         ("volumes/labels/neuron_ids", src["neurons"]),
     ):
         v = open_volume(tmp_path / "s.zarr", key=key)
-        assert v.voxel_size == (40.0, 4.0, 4.0) and v.offset == (0.0, 40.0, 80.0)
-        assert v.chunks == (2, 16, 16) and v.format == "zarr v3"
+        assert v.voxel_size == (40.0, 4.0, 4.0)
+        assert v.offset == (0.0, 40.0, 80.0)
+        assert v.chunks == (2, 16, 16)
+        assert v.format == "zarr v3"
         np.testing.assert_array_equal(v.read(), want)
     # the cleft background is stored as 0 in the output, not mapped on read
     import zarr
 
     stored = zarr.open_array(str(tmp_path / "s.zarr/volumes/labels/clefts/0"), mode="r")[:]
-    assert stored.max() == 4 and stored.min() == 0
+    assert stored.max() == 4
+    assert stored.min() == 0
     assert not (tmp_path / "s.zarr.partial").exists()
 
 
@@ -70,7 +73,8 @@ def test_key_converts_one_volume_to_an_image(tmp_path: Path) -> None:
     convert(f"{tmp_path / 's.hdf'}:volumes/raw", tmp_path / "r.tif", progress=False)
     t = open_volume(tmp_path / "r.tif")
     np.testing.assert_array_equal(t.read(), src["raw"])
-    assert t.voxel_size == (40.0, 4.0, 4.0) and t.offset == (0.0, 40.0, 80.0)
+    assert t.voxel_size == (40.0, 4.0, 4.0)
+    assert t.offset == (0.0, 40.0, 80.0)
 
 
 def test_tiff_folder_to_zarr(tmp_path: Path) -> None:
@@ -85,7 +89,8 @@ def test_tiff_folder_to_zarr(tmp_path: Path) -> None:
 def test_block_shape_within_budget() -> None:
     assert block_shape((100, 1000, 1000), (10, 100, 100), 1, 10**9) == (100, 1000, 1000)
     b = block_shape((100, 1000, 1000), (10, 100, 100), 1, 4 * 10**6)  # 4 MB: 4 rows of chunks
-    assert b == (10, 400, 1000) and np.prod(b) <= 4 * 10**6
+    assert b == (10, 400, 1000)
+    assert np.prod(b) <= 4 * 10**6
     assert block_shape((100, 1000, 1000), (10, 100, 100), 8, 1) == (10, 100, 100)
 
 
@@ -116,7 +121,8 @@ def test_shape_mismatch_refused(tmp_path: Path) -> None:
     make_cremi(tmp_path / "m.hdf", label_shape=(6, 40, 49))
     with pytest.raises(UserError, match="raw and label shapes disagree"):
         convert(tmp_path / "m.hdf", tmp_path / "m.zarr", progress=False)
-    assert not (tmp_path / "m.zarr").exists() and not (tmp_path / "m.zarr.partial").exists()
+    assert not (tmp_path / "m.zarr").exists()
+    assert not (tmp_path / "m.zarr.partial").exists()
 
 
 def test_nan_in_raw_refused_nothing_left(tmp_path: Path) -> None:
@@ -150,7 +156,8 @@ def test_cli_errors_exit_2(tmp_path: Path, capsys) -> None:
     for argv, needle in cases:
         assert main(["convert", *argv]) == 2
         err = capsys.readouterr().err.strip()
-        assert err.count("\n") == 0 and needle in err, err
+        assert err.count("\n") == 0, err
+        assert needle in err, err
     assert not (tmp_path / "o.zarr").exists()
     assert (
         main(["convert", str(tmp_path / "s.hdf"), str(tmp_path / "exists.zarr"), "--overwrite"])

@@ -72,14 +72,16 @@ def test_source_z_range_and_cleft_coordinates(rng, in_memory_mb):
     r, m = src.read((1, 25, 35), (4, 16, 48))
     np.testing.assert_allclose(r, raw[5:9, 25:41, 35:83] / 255.0, atol=1e-6)
     np.testing.assert_array_equal(m, lab[5:9, 25:41, 35:83] != 0)
-    assert r.dtype == np.float32 and m.dtype == bool
+    assert r.dtype == np.float32
+    assert m.dtype == bool
 
 
 def test_source_subsamples_coordinates_but_counts_all(rng, monkeypatch):
     monkeypatch.setattr(data_sources, "MAX_CLEFT_COORDS", 50)
     raw, lab = sparse_volume(rng)
     src = source_from_arrays(raw, lab)
-    assert src.n_cleft == int((lab != 0).sum()) and len(src.clefts) == 50
+    assert src.n_cleft == int((lab != 0).sum())
+    assert len(src.clefts) == 50
     assert all(lab[tuple(c)] != 0 for c in src.clefts)
     f = (lab != 0).mean()
     assert auto_pos_weight([src], max_weight=1e6) == pytest.approx((1 - f) / f)
@@ -107,7 +109,7 @@ def test_most_patches_hold_a_cleft(rng):
     n, hits, forced_hits = 400, 0, 0
     for _ in range(n):
         _, start, forced = sampler.sample_box(rng)
-        box = tuple(slice(s, s + p) for s, p in zip(start, sampler.patch_size))
+        box = tuple(slice(s, s + p) for s, p in zip(start, sampler.patch_size, strict=True))
         has = bool(lab[box].any())
         hits += has
         if forced:
@@ -128,7 +130,7 @@ def test_most_patches_hold_a_cleft(rng):
     seed=st.integers(0, 2**16),
 )
 def test_forced_boxes_always_hold_their_cleft(shape, patch, frac, seed):
-    cleft = tuple(int(f * s) for f, s in zip(frac, shape))
+    cleft = tuple(int(f * s) for f, s in zip(frac, shape, strict=True))
     lab = np.zeros(shape, np.uint8)
     lab[cleft] = 1
     src = source_from_arrays(np.zeros(shape, np.uint8), lab)
@@ -137,11 +139,12 @@ def test_forced_boxes_always_hold_their_cleft(shape, patch, frac, seed):
     for _ in range(5):
         _, start, forced = sampler.sample_box(g)
         assert forced
-        for c, s0, p, d in zip(cleft, start, patch, shape):
+        for c, s0, p, d in zip(cleft, start, patch, shape, strict=True):
             assert s0 <= c < s0 + p  # the cleft voxel is in the patch
             assert s0 >= 0 and s0 + p <= d if p <= d else s0 <= 0  # inside, or centred if bigger
         item = sampler.sample(g)
-        assert item["label"].shape == (1, *patch) and item["label"].sum() == 1
+        assert item["label"].shape == (1, *patch)
+        assert item["label"].sum() == 1
 
 
 def test_patch_dict_shapes_and_values(rng):
@@ -149,7 +152,8 @@ def test_patch_dict_shapes_and_values(rng):
     item = PatchSampler([source_from_arrays(raw, lab)], (8, 32, 48), 1.0).sample(rng)
     assert item["image"].shape == item["label"].shape == (1, 8, 32, 48)
     assert item["image"].dtype == item["label"].dtype == torch.float32
-    assert 0 <= item["image"].min() and item["image"].max() <= 1
+    assert item["image"].min() >= 0
+    assert item["image"].max() <= 1
     assert set(item["label"].unique().tolist()) <= {0.0, 1.0}
 
 
@@ -184,9 +188,10 @@ def test_dataset_is_deterministic_for_a_seed(rng):
         return take(PatchDataset(src, (8, 32, 32), 0.8, build_augment(aug), seed=seed), 6)
 
     a, b, c = run(1), run(1), run(2)
-    for x, y in zip(a, b):
-        assert torch.equal(x["image"], y["image"]) and torch.equal(x["label"], y["label"])
-    assert any(not torch.equal(x["image"], z["image"]) for x, z in zip(a, c))
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x["image"], y["image"])
+        assert torch.equal(x["label"], y["label"])
+    assert any(not torch.equal(x["image"], z["image"]) for x, z in zip(a, c, strict=True))
     assert type(a[0]["image"]) is torch.Tensor  # plain tensors, not MetaTensors
 
 
@@ -278,7 +283,8 @@ def test_misaligned_section_shifts_image_and_label_together():
         inner = (slice(None), slice(t.z0, t.z1), slice(4, -4), slice(4, -4))
         np.testing.assert_array_equal(o[inner], rolled[inner])
         np.testing.assert_array_equal(ol[inner], rolled_l[inner])
-        assert (dy, dx) != (0, 0) and max(abs(dy), abs(dx)) <= 4
+        assert (dy, dx) != (0, 0)
+        assert max(abs(dy), abs(dx)) <= 4
 
 
 def test_misaligned_border_keeps_image_and_label_in_agreement():
@@ -316,7 +322,8 @@ def test_line_kernel():
     for size in (3, 5, 9):
         for angle in (0.0, 0.4, np.pi / 2):
             k = line_kernel(size, angle)
-            assert k.shape == (size, size) and k.sum() == pytest.approx(1.0)
+            assert k.shape == (size, size)
+            assert k.sum() == pytest.approx(1.0)
             np.testing.assert_allclose(k, k[::-1, ::-1], atol=1e-6)  # a line through the centre
     assert line_kernel(5, 0.0)[2].sum() == pytest.approx(1.0)
     assert line_kernel(5, np.pi / 2)[:, 2].sum() == pytest.approx(1.0)
@@ -404,7 +411,9 @@ def test_make_loader_and_val_volumes_from_a_zarr_file(tmp_path, rng):
     ((v_raw, v_lab, vs),) = bd.load_val_volumes(cfg)
     np.testing.assert_allclose(v_raw, raw[14:] / 255.0, atol=1e-6)
     np.testing.assert_array_equal(v_lab, lab[14:] != 0)
-    assert v_raw.dtype == np.float32 and v_lab.dtype == bool and len(vs) == 3
+    assert v_raw.dtype == np.float32
+    assert v_lab.dtype == bool
+    assert len(vs) == 3
     src = bd.open_sources(cfg, "train")[0]
     assert src.n_cleft == int((lab[:14] != 0).sum())
 
@@ -433,7 +442,8 @@ def test_worker_reads_hdf5_through_its_own_handle(tmp_path, rng):
     cfg = tiny_config(tmp_path, train=[{"path": "a.hdf"}], workers=1, in_memory_mb=0)
     (src,) = bd.open_sources(cfg)
     mine = src.reopened()
-    assert mine.raw is not src.raw and mine.label is not src.label
+    assert mine.raw is not src.raw
+    assert mine.label is not src.label
     src.raw.close()  # the parent closes its file: the worker's copy must not care
     r, m = mine.read((0, 0, 0), (4, 32, 32))  # still readable: a handle of its own
     np.testing.assert_allclose(r, raw[:4, :32, :32] / 255.0, atol=1e-6)
@@ -453,7 +463,8 @@ def test_an_unpicklable_source_is_refused_not_shared_across_a_fork(tmp_path, rng
         assert not isinstance(src.raw, np.ndarray)
         with pytest.raises(UserError, match="loader worker cannot reopen its Dataset") as e:
             src.reopened()
-        assert "data.workers: 0" in str(e.value) and "\n" not in str(e.value)
+        assert "data.workers: 0" in str(e.value)
+        assert "\n" not in str(e.value)
         ds = PatchDataset([src], (8, 32, 32), 0.8)
         with pytest.raises(UserError, match="cannot reopen"):
             bd.batches(ds, 2, workers=1)  # refused here, before any worker starts
@@ -483,7 +494,8 @@ def test_synthetic_volumes_are_made_where_data_is_opened(tmp_path, monkeypatch):
         patch_size=[4, 32, 32],
     )
     ((v_raw, _, vs),) = bd.load_val_volumes(cfg)  # makes s.zarr from the train entry's spec
-    assert v_raw.shape == (2, 64, 64) and vs == (40.0, 4.0, 4.0)
+    assert v_raw.shape == (2, 64, 64)
+    assert vs == (40.0, 4.0, 4.0)
     assert bd.ensure_volumes(cfg) == [tmp_path / "s.zarr"] * 2
     missing = tiny_config(tmp_path, train=[{"path": "t.zarr", "synth": {"shape": [4, 64, 64]}}])
     with pytest.raises(UserError, match=r"a\.zarr not found"):

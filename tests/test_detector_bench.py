@@ -66,9 +66,11 @@ def test_baseline_and_detector_bench_run_end_to_end(split_config, tmp_path):
     from baseline_rf import run_baseline
 
     r = run_baseline(split_config, tmp_path / "rf", samples=2000, trees=5, jobs=1)
-    assert 0 <= r["voxel"]["pr_auc"] <= 1 and "iou_0.2" in r["object"]
+    assert 0 <= r["voxel"]["pr_auc"] <= 1
+    assert "iou_0.2" in r["object"]
     assert (tmp_path / "rf" / "prediction.zarr").is_dir()
-    assert "y 0-32" in r["protocol"]["split"] and "y 32-64" in r["protocol"]["split"]
+    assert "y 0-32" in r["protocol"]["split"]
+    assert "y 32-64" in r["protocol"]["split"]
     saved = json.loads((tmp_path / "rf" / "evaluation.json").read_text())
     assert saved["voxel"]["pr_auc"] == pytest.approx(r["voxel"]["pr_auc"])
 
@@ -79,6 +81,8 @@ def test_baseline_and_detector_bench_run_end_to_end(split_config, tmp_path):
     rows = json.loads((out / "detector.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["random forest (baseline)", "dense"]
     for row in rows:
-        assert 0 <= row["pr_auc"] <= 1 and 0 <= row["obj_f1_02"] <= 1
+        assert 0 <= row["pr_auc"] <= 1
+        assert 0 <= row["obj_f1_02"] <= 1
     md = (out / "detector.md").read_text()
-    assert "| random forest (baseline) |" in md and "| dense |" in md
+    assert "| random forest (baseline) |" in md
+    assert "| dense |" in md

@@ -87,7 +87,12 @@ def _whole_volume(model, data: np.ndarray, roi=ROI, halo=HALO, tta=False) -> np.
     torch.set_num_threads(1)  # intra-op threads spin badly on a busy 2-core machine
     with torch.inference_mode():
         p = sliding_window_inference(
-            x, roi, 1, predictor, overlap=[h / r for h, r in zip(halo, roi)], mode="gaussian"
+            x,
+            roi,
+            1,
+            predictor,
+            overlap=[h / r for h, r in zip(halo, roi, strict=True)],
+            mode="gaussian",
         )[0, 0].numpy()
     torch.set_num_threads(threads)
     return np.clip(np.rint(p * 255), 0, 255).astype(np.uint8)
@@ -104,7 +109,8 @@ def test_normalize_raw():
     assert normalize_raw(np.array([0, 255], np.uint8)).tolist() == [0.0, 1.0]
     assert normalize_raw(np.array([65535], np.uint16)).tolist() == [1.0]
     f = normalize_raw(np.array([0.25, -1.0], np.float64))
-    assert f.dtype == np.float32 and f.tolist() == [0.25, -1.0]
+    assert f.dtype == np.float32
+    assert f.tolist() == [0.25, -1.0]
     with pytest.raises(UserError, match="dtype int64"):
         normalize_raw(np.array([1], np.int64))
 
@@ -122,23 +128,31 @@ def test_plan_read_box_is_the_span_of_global_windows():
         read, own = plan.read_box(index), plan.block_box(index)
         size = [r.stop - r.start for r in read]
         local = [
-            tuple((s.start + r.start, s.stop + r.start) for s, r in zip(w, read))
+            tuple((s.start + r.start, s.stop + r.start) for s, r in zip(w, read, strict=True))
             for w in dense_patch_slices(size, plan.roi, plan.step)
         ]
-        touching = [w for w in glob if all(a < o.stop and b > o.start for (a, b), o in zip(w, own))]
+        touching = [
+            w
+            for w in glob
+            if all(a < o.stop and b > o.start for (a, b), o in zip(w, own, strict=True))
+        ]
         assert set(touching) <= set(local) <= set(glob)
     # A block that is a multiple of the step reads one window more: roi - halo before, halo after.
     plan = make_plan((18, 144, 144), (1, 4, 4), block=(6, 48, 48), roi=(4, 32, 32))
-    assert plan.halo == (1, 8, 8) and plan.step == (3, 24, 24)
+    assert plan.halo == (1, 8, 8)
+    assert plan.step == (3, 24, 24)
     assert plan.read_box((1, 1, 1)) == (slice(3, 13), slice(24, 104), slice(24, 104))
 
 
 def test_plan_defaults_and_caps():
     plan = make_plan((20, 1024, 512), (2, 8, 8))
-    assert plan.roi == (16, 128, 128) and plan.halo == (4, 32, 32)
+    assert plan.roi == (16, 128, 128)
+    assert plan.halo == (4, 32, 32)
     assert plan.block == (20, 288, 288)  # a multiple of the step 12,96,96; z capped
     small = make_plan((3, 30, 50), (1, 4, 4), roi=(4, 32, 32))
-    assert small.roi == (3, 28, 32) and small.block == (3, 30, 50) and small.n_blocks == 1
+    assert small.roi == (3, 28, 32)
+    assert small.block == (3, 30, 50)
+    assert small.n_blocks == 1
 
 
 # -- the result ---------------------------------------------------------------------------------
@@ -160,8 +174,10 @@ def test_block_size_independence_and_metadata(export: Path, raw, tmp_path: Path)
     assert _max_diff(outs[(4, 16, 16)], outs[(6, 24, 20)]) <= 1
     assert outs[None].std() > 1
     vol = open_volume(tmp_path / "pred-(6, 24, 20).zarr")
-    assert vol.voxel_size == VOXEL and vol.offset == OFFSET
-    assert vol.chunks == (6, 24, 20) and vol.dtype == np.uint8
+    assert vol.voxel_size == VOXEL
+    assert vol.offset == OFFSET
+    assert vol.chunks == (6, 24, 20)
+    assert vol.dtype == np.uint8
     assert not list(tmp_path.glob("*.partial"))
 
 
@@ -180,7 +196,8 @@ def test_tta_and_threshold(export: Path, raw, tmp_path: Path):
     assert _max_diff(prob, _whole_volume(model, data, tta=True)) <= 1
     assert _max_diff(prob, _whole_volume(model, data)) > 1  # the flips do change the result
     labels = _read(out / "labels" / "clefts")
-    assert labels.dtype == np.uint8 and set(np.unique(labels)) <= {0, 1}
+    assert labels.dtype == np.uint8
+    assert set(np.unique(labels)) <= {0, 1}
     # bbem's one rule on the stored levels: 0.5 is level 128
     assert np.array_equal(labels, (prob >= 128).astype(np.uint8))
     assert 0 < labels.mean() < 1
@@ -212,7 +229,8 @@ def test_tiff_output(export: Path, raw, tmp_path: Path):
     path, _ = raw
     z = predict_volume(export, path, tmp_path / "p.zarr", progress=False).output
     t = predict_volume(export, path, tmp_path / "p.tif", threshold=0.5, progress=False).output
-    assert t.is_file() and (tmp_path / "p_clefts.tif").is_file()
+    assert t.is_file()
+    assert (tmp_path / "p_clefts.tif").is_file()
     assert np.array_equal(_read(t), _read(z))
     assert not list(tmp_path.glob("p.tif.partial*"))
 
@@ -242,7 +260,8 @@ def test_real_em_hdf5(shared_data: Path, tmp_path: Path):
     ).output
     vol, raw = open_volume(out), open_volume(src, key="volumes/raw")
     assert vol.shape == raw.shape == (20, 1024, 512)
-    assert vol.voxel_size == raw.voxel_size == (50.0, 4.6, 4.6) and vol.offset == raw.offset
+    assert vol.voxel_size == raw.voxel_size == (50.0, 4.6, 4.6)
+    assert vol.offset == raw.offset
     # Spot check one block against the whole-volume oracle on a sub-volume it does not touch
     # the borders of: the first 4 sections, the first 64 x 64 pixels, are one window.
     model, _ = load_inference_model(ck)
@@ -262,20 +281,25 @@ def test_existing_output_and_partial_are_refused(export: Path, raw, tmp_path: Pa
     path, _ = raw
     out = tmp_path / "o.zarr"
     first = predict_volume(export, path, out, progress=False)
-    assert first.output == out and first.blocks_done == first.blocks_total > 0
-    assert first.blocks_skipped == 0 and first.model_loads == 1 and first.voxels == 8 * 48 * 40
+    assert first.output == out
+    assert first.blocks_done == first.blocks_total > 0
+    assert first.blocks_skipped == 0
+    assert first.model_loads == 1
+    assert first.voxels == 8 * 48 * 40
     with pytest.raises(UserError, match=r"exists.*--overwrite"):
         predict_volume(export, path, out, progress=False)
     before = _read(out)
     (out / "0" / "marker").write_text("old")
     predict_volume(export, path, out, on_existing="overwrite", progress=False)
-    assert not (out / "0" / "marker").exists() and np.array_equal(_read(out), before)
+    assert not (out / "0" / "marker").exists()
+    assert np.array_equal(_read(out), before)
     # A leftover .partial asks for --resume; resuming a finished output is a no-op.
     (tmp_path / "n.zarr.partial").mkdir()
     with pytest.raises(UserError, match="--resume"):
         predict_volume(export, path, tmp_path / "n.zarr", progress=False)
     again = predict_volume(export, path, out, on_existing="resume", progress=False)
-    assert again.output == out and again.blocks_done == 0
+    assert again.output == out
+    assert again.blocks_done == 0
     assert again.blocks_skipped == again.blocks_total
     with pytest.raises(UserError, match="on_existing"):
         predict_volume(export, path, out, on_existing="replace", progress=False)
@@ -336,12 +360,14 @@ def test_resume_after_sigkill_equals_uninterrupted(export: Path, tmp_path: Path,
     stats = predict_volume(
         export, path, out, block=(4, 16, 16), on_existing="resume", progress=False
     )
-    assert stats.blocks_skipped == len(finished) and stats.blocks_done == n_total - len(finished)
+    assert stats.blocks_skipped == len(finished)
+    assert stats.blocks_done == n_total - len(finished)
     ref = predict_volume(export, path, tmp_path / "ref.zarr", block=(4, 16, 16), progress=False)
     assert np.array_equal(_read(out), _read(ref.output))
     for m, t in stamps.items():
         assert (out / "0" / "c" / Path(*m.split("_"))).stat().st_mtime_ns == t
-    assert not (out / ".bbem_done").exists() and not done.parent.exists()
+    assert not (out / ".bbem_done").exists()
+    assert not done.parent.exists()
 
 
 def test_resume_of_a_run_killed_while_finishing(export: Path, raw, tmp_path: Path, monkeypatch):
@@ -361,10 +387,13 @@ def test_resume_of_a_run_killed_while_finishing(export: Path, raw, tmp_path: Pat
         predict_volume(export, path, out, progress=False)
     monkeypatch.undo()
     work = tmp_path / "f.zarr.partial"
-    assert not (work / ".bbem_done").exists() and not out.exists()
+    assert not (work / ".bbem_done").exists()
+    assert not out.exists()
     stats = predict_volume(export, path, out, on_existing="resume", progress=False)
-    assert stats.blocks_done == 0 and stats.blocks_skipped == stats.blocks_total  # none recomputed
-    assert out.is_dir() and not work.exists()
+    assert stats.blocks_done == 0  # none recomputed
+    assert stats.blocks_skipped == stats.blocks_total
+    assert out.is_dir()
+    assert not work.exists()
     ref = predict_volume(export, path, tmp_path / "g.zarr", progress=False)
     assert np.array_equal(_read(out), _read(ref.output))
 
@@ -379,13 +408,16 @@ def test_local_cluster_equals_threads(export: Path, raw, tmp_path: Path, capsys)
         export, path, tmp_path / "b.zarr", block=(4, 16, 16), scheduler="local", workers=2
     )
     assert np.array_equal(_read(a.output), _read(b.output))
-    assert a.worker_model_loads == {} and a.model_loads == 1
+    assert a.worker_model_loads == {}
+    assert a.model_loads == 1
     # the model is loaded here (to check it) and once by each worker process
-    assert sorted(b.worker_model_loads.values()) == [1, 1] and b.model_loads == 3
+    assert sorted(b.worker_model_loads.values()) == [1, 1]
+    assert b.model_loads == 3
     assert b.blocks_done == b.blocks_total == 18
     summary = capsys.readouterr().out.strip().splitlines()[-1]
     # 18 blocks on two worker processes on loopback; each loaded the model once.
-    assert "Dask tcp://127.0.0.1:" in summary and "2 workers" in summary, summary
+    assert "Dask tcp://127.0.0.1:" in summary, summary
+    assert "2 workers" in summary, summary
     assert "model loaded once per worker" in summary, summary
 
 
@@ -483,7 +515,8 @@ def test_bad_inputs(export: Path, raw, tmp_path: Path):
         predict_volume(export, path, out, workers=0, progress=False)
     with pytest.raises(UserError, match="halo"):
         predict_volume(export, path, out, halo=(4, 4, 4), progress=False)
-    assert not out.exists() and not (tmp_path / "x.zarr.partial").exists()
+    assert not out.exists()
+    assert not (tmp_path / "x.zarr.partial").exists()
 
 
 def test_cli_reports_user_errors(export: Path, raw, tmp_path: Path, capsys):
@@ -494,7 +527,8 @@ def test_cli_reports_user_errors(export: Path, raw, tmp_path: Path, capsys):
         main(["infer", str(export), str(path), str(tmp_path / "c.zarr"), "--block", "1,8,8"]) == 2
     )
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "field of view" in err[0]
+    assert len(err) == 1
+    assert "field of view" in err[0]
     assert main(["infer", str(export), str(path), str(tmp_path / "c.zarr")]) == 0
     assert "wrote" in capsys.readouterr().out
 
@@ -599,6 +633,9 @@ def test_labels_drop_objects_smaller_than_min_size(tmp_path, export, raw):
         return np.asarray(cc3d.statistics(cc3d.connected_components(lab > 0))["voxel_counts"][1:])
 
     everything = sizes(0)
-    assert (everything < 20).any() and (everything >= 20).any()  # the test can fail
+    # objects on both sides of 20 voxels: the test can fail
+    assert (everything < 20).any()
+    assert (everything >= 20).any()
     kept = sizes(20)
-    assert kept.min() >= 20 and sorted(kept) == sorted(everything[everything >= 20])
+    assert kept.min() >= 20
+    assert sorted(kept) == sorted(everything[everything >= 20])

@@ -55,7 +55,8 @@ def test_pr_auc_equals_sklearn_random(seed):
     u8 = u8.astype(np.uint8)
     r = PRHistogram().update(u8, truth).result()
     _sk_check(u8, truth, r)
-    assert r["n_voxels"] == truth.size and r["n_positive"] == truth.sum()
+    assert r["n_voxels"] == truth.size
+    assert r["n_positive"] == truth.sum()
 
 
 @pytest.mark.parametrize(
@@ -82,9 +83,12 @@ def test_pr_auc_equals_sklearn_adversarial(case, rng):
     r = PRHistogram().update(u8, truth).result()
     _sk_check(u8, truth, r)
     if case == "all_negative":
-        assert r["pr_auc"] == 0.0 and r["f1_best"] == 0.0 and r["recall_05"] == 0.0
+        assert r["pr_auc"] == 0.0
+        assert r["f1_best"] == 0.0
+        assert r["recall_05"] == 0.0
     if case in ("all_positive", "perfect"):
-        assert r["pr_auc"] == 1.0 and r["f1_best"] == 1.0
+        assert r["pr_auc"] == 1.0
+        assert r["f1_best"] == 1.0
 
 
 @settings(max_examples=60, deadline=None)
@@ -152,17 +156,22 @@ def _sheet_scene() -> np.ndarray:
 def test_perfect_prediction_scores_one_and_distance_zero():
     truth = _sheet_scene()
     r = evaluate((truth > 0).astype(np.float32), truth, voxel_size=VS, min_size=1)
-    assert r["voxel"]["pr_auc"] == 1.0 and r["voxel"]["f1_best"] == 1.0
+    assert r["voxel"]["pr_auc"] == 1.0
+    assert r["voxel"]["f1_best"] == 1.0
     assert r["voxel"]["f1_05"] == 1.0
     for rule in ("iou_0.2", "iou_0.5"):
-        assert r["object"][rule]["f1"] == 1.0 and r["object"][rule]["tp"] == 3
+        assert r["object"][rule]["f1"] == 1.0
+        assert r["object"][rule]["tp"] == 3
     c = r["cremi"]
-    assert c["fp"] == c["fn"] == 0 and c["fscore"] == 1.0
-    assert c["adf"]["max"] == 0.0 and c["adgt"]["max"] == 0.0 and c["score"] == 0.0
+    assert c["fp"] == c["fn"] == 0
+    assert c["fscore"] == 1.0
+    assert c["adf"]["max"] == 0.0
+    assert c["adgt"]["max"] == 0.0
+    assert c["score"] == 0.0
     assert r["protocol"]["objects"]["truth_instances"] == "labels"
 
 
-@pytest.mark.parametrize("sections,expect_far", [(1, False), (6, True)])
+@pytest.mark.parametrize(("sections", "expect_far"), [(1, False), (6, True)])
 def test_prediction_shifted_by_sections_gives_expected_distance(sections, expect_far):
     truth = np.zeros((20, 32, 32), np.uint8)
     truth[5, 8:20, 8:20] = 1
@@ -170,9 +179,11 @@ def test_prediction_shifted_by_sections_gives_expected_distance(sections, expect
     r = evaluate(pred, truth, voxel_size=VS, min_size=1)["cremi"]
     d = 40.0 * sections
     for k in ("adf", "adgt"):
-        assert r[k]["mean"] == pytest.approx(d) and r[k]["max"] == pytest.approx(d)
+        assert r[k]["mean"] == pytest.approx(d)
+        assert r[k]["max"] == pytest.approx(d)
         assert r[k]["std"] == pytest.approx(0.0, abs=1e-9)
-    assert r["score"] == pytest.approx(d) and r["adf_mean"] == pytest.approx(d)
+    assert r["score"] == pytest.approx(d)
+    assert r["adf_mean"] == pytest.approx(d)
     n = 12 * 12
     assert (r["fp"], r["fn"]) == ((n, n) if expect_far else (0, 0))
 
@@ -226,16 +237,22 @@ def test_cremi_no_prediction_is_defined_not_nan():
     truth = _sheet_scene()
     r = evaluate(np.zeros(truth.shape, np.uint8), truth, voxel_size=VS)
     c = r["cremi"]
-    assert c["adgt"] is None and c["adf"] is None and c["score"] is None
-    assert c["fp"] == 0 and c["fn"] == int((truth > 0).sum()) and c["fscore"] == 0.0
-    assert r["object"]["iou_0.5"]["f1"] == 0.0 and r["object"]["iou_0.5"]["missed"] == 3
+    assert c["adgt"] is None
+    assert c["adf"] is None
+    assert c["score"] is None
+    assert c["fp"] == 0
+    assert c["fn"] == int((truth > 0).sum())
+    assert c["fscore"] == 0.0
+    assert r["object"]["iou_0.5"]["f1"] == 0.0
+    assert r["object"]["iou_0.5"]["missed"] == 3
     json.dumps(r, allow_nan=False)  # every number is finite or null
 
 
 def test_cremi_skips_with_reason_when_too_many_points():
     truth = _sheet_scene()
     r = evaluate(np.ones(truth.shape, np.float32), truth, voxel_size=VS, max_cremi_points=100)
-    assert "raise the threshold" in r["cremi"]["skipped"] and r["cremi"]["score"] is None
+    assert "raise the threshold" in r["cremi"]["skipped"]
+    assert r["cremi"]["score"] is None
 
 
 # -- objects: hand-built split / merged / missed / spurious -----------------------------------------
@@ -264,15 +281,20 @@ def test_object_matching_hand_built_cases():
     t, p = _object_scene()
     r = evaluate(p, t, voxel_size=VS, min_size=10)
     o = r["object"]
-    assert o["n_true"] == 5 and o["n_pred"] == 5 and o["removed_small"] == 1
-    assert o["split"] == 1 and o["merged"] == 1
+    assert o["n_true"] == 5
+    assert o["n_pred"] == 5
+    assert o["removed_small"] == 1
+    assert o["split"] == 1
+    assert o["merged"] == 1
     # IoU > 0.2: one half of A, B (or C) in the merge, F: 3 matched
     lo = o["iou_0.2"]
     assert (lo["tp"], lo["missed"], lo["spurious"]) == (3, 2, 2)
-    assert lo["precision"] == pytest.approx(3 / 5) and lo["recall"] == pytest.approx(3 / 5)
+    assert lo["precision"] == pytest.approx(3 / 5)
+    assert lo["recall"] == pytest.approx(3 / 5)
     # IoU > 0.5: nothing overlaps that well
     hi = o["iou_0.5"]
-    assert (hi["tp"], hi["missed"], hi["spurious"]) == (0, 5, 5) and hi["f1"] == 0.0
+    assert (hi["tp"], hi["missed"], hi["spurious"]) == (0, 5, 5)
+    assert hi["f1"] == 0.0
 
 
 def test_object_results_do_not_depend_on_slabs_or_instances_mode():
@@ -314,9 +336,12 @@ def test_labels_keep_touching_instances_apart():
     t[1:3, 2:10, 10:18] = 2  # touches instance 1
     p = (t == 1).astype(np.float32)
     o = evaluate(p, t, min_size=1)["object"]
-    assert o["n_true"] == 2 and o["iou_0.5"]["tp"] == 1 and o["iou_0.5"]["missed"] == 1
+    assert o["n_true"] == 2
+    assert o["iou_0.5"]["tp"] == 1
+    assert o["iou_0.5"]["missed"] == 1
     o = evaluate(p, t, min_size=1, truth_instances="components")["object"]
-    assert o["n_true"] == 1 and o["iou_0.5"]["tp"] == 0  # IoU exactly 0.5 is not above 0.5
+    assert o["n_true"] == 1
+    assert o["iou_0.5"]["tp"] == 0  # IoU exactly 0.5 is not above 0.5
 
 
 def test_centroid_matching_in_nm():
@@ -354,9 +379,9 @@ def test_bad_inputs_raise_user_errors():
         evaluate(good * 3, truth)
     with pytest.raises(UserError, match=r"\[0, 255\]"):
         evaluate(good.astype(np.int16) * 300, truth)
+    bad = good.copy()
+    bad[3, 3, 3] = np.nan
     with pytest.raises(UserError, match="NaN"):
-        bad = good.copy()
-        bad[3, 3, 3] = np.nan
         evaluate(bad, truth)
     with pytest.raises(UserError, match="margin"):
         evaluate(good, truth, margin=(10, 0, 0))
@@ -373,11 +398,13 @@ def test_cremi_background_and_mask():
     raw = np.where(truth == 0, CREMI_BACKGROUND, truth).astype(np.uint64)
     prob = (truth > 0).astype(np.float32)
     a, b = evaluate(prob, raw, voxel_size=VS), evaluate(prob, truth, voxel_size=VS)
-    assert a["voxel"] == b["voxel"] and a["cremi"] == b["cremi"]
+    assert a["voxel"] == b["voxel"]
+    assert a["cremi"] == b["cremi"]
     mask = np.zeros(truth.shape, np.uint8)
     mask[:10] = 1  # only the first sheet is scored
     r = evaluate(prob, truth, mask=mask, voxel_size=VS, min_size=1)
-    assert r["voxel"]["n_voxels"] == mask.sum() and r["object"]["n_true"] == 1
+    assert r["voxel"]["n_voxels"] == mask.sum()
+    assert r["object"]["n_true"] == 1
     assert r["protocol"]["mask"] == "mask"
 
 
@@ -390,8 +417,10 @@ def test_real_labels_against_themselves(shared_data):
     truth = open_volume(shared_data / "vnc-stack1-left.hdf", key="volumes/labels/clefts")
     pred = truth[:, :, :] > 0  # a bool prediction: levels 0 and 255
     r = evaluate(pred, truth, voxel_size=None, min_size=1)
-    assert r["voxel"]["pr_auc"] == 1.0 and r["cremi"]["score"] == 0.0
-    assert r["object"]["iou_0.5"]["f1"] == 1.0 and r["object"]["n_true"] == 33
+    assert r["voxel"]["pr_auc"] == 1.0
+    assert r["cremi"]["score"] == 0.0
+    assert r["object"]["iou_0.5"]["f1"] == 1.0
+    assert r["object"]["n_true"] == 33
     assert r["protocol"]["voxel_size_nm"] == [50.0, 4.6, 4.6]
     assert r["voxel"]["positive_fraction"] == pytest.approx(0.0076, abs=0.0005)
 
@@ -417,16 +446,17 @@ def test_cli_writes_json_and_plot(tmp_path, capsys):
     )
     assert code == 0
     shown = capsys.readouterr().out
-    assert "PR-AUC" in shown and "protocol" in shown
+    assert "PR-AUC" in shown
+    assert "protocol" in shown
     r = json.loads(out.read_text())
     for k in ("pr_auc", "f1_best", "threshold_best", "f1_05", "precision_05", "recall_05"):
         assert 0 <= r["voxel"][k] <= 1
     for k in ("fp", "fn", "adf", "adgt", "score"):
         assert k in r["cremi"]
-    assert r["protocol"]["margin_voxels"] == [1, 2, 2] and r["protocol"]["voxel_size_nm"] == list(
-        VS
-    )
-    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+    assert r["protocol"]["margin_voxels"] == [1, 2, 2]
+    assert r["protocol"]["voxel_size_nm"] == list(VS)
+    assert png.stat().st_size > 10_000
+    assert png.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
@@ -437,7 +467,8 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
     lab = _write(tmp_path / "truth.zarr", truth)
     assert main(["evaluate", pred, lab]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "disagree" in err[0]
+    assert len(err) == 1
+    assert "disagree" in err[0]
 
 
 def test_dask_input_and_cremi_off():
@@ -448,19 +479,23 @@ def test_dask_input_and_cremi_off():
     r = evaluate(
         da.from_array(prob, chunks=(4, 24, 24)), da.from_array(truth), cremi=False, min_size=1
     )
-    assert r["voxel"]["pr_auc"] == 1.0 and r["object"]["iou_0.5"]["tp"] == 3
-    assert r["cremi"]["skipped"].startswith("not requested") and r["cremi"]["score"] is None
+    assert r["voxel"]["pr_auc"] == 1.0
+    assert r["object"]["iou_0.5"]["tp"] == 3
+    assert r["cremi"]["skipped"].startswith("not requested")
+    assert r["cremi"]["score"] is None
 
 
 @pytest.mark.parametrize(
-    "dtype,ids", [(np.int32, (-5, 7)), (np.uint64, (2**63 + 5, 3)), (np.int64, (1, 2**40))]
+    ("dtype", "ids"), [(np.int32, (-5, 7)), (np.uint64, (2**63 + 5, 3)), (np.int64, (1, 2**40))]
 )
 def test_any_label_ids_are_instances(dtype, ids):
     t = np.zeros((6, 20, 20), dtype)
     t[1:4, 2:8, 2:8] = ids[0]
     t[1:4, 10:18, 10:18] = ids[1]
     o = evaluate((t != 0).astype(np.float32), t, min_size=1)["object"]
-    assert o["n_true"] == 2 and o["iou_0.5"]["tp"] == 2 and o["iou_0.5"]["f1"] == 1.0
+    assert o["n_true"] == 2
+    assert o["iou_0.5"]["tp"] == 2
+    assert o["iou_0.5"]["f1"] == 1.0
 
 
 @settings(max_examples=25, deadline=None)

@@ -101,7 +101,8 @@ def test_reader_synth_zarr(synth_zarr, volume):
     # raw first, clefts drawn last (on top of the neurons)
     assert kinds == [("raw", "image"), ("neuron_ids", "labels"), ("clefts", "labels")]
     for data, kw, _ in layers:
-        assert kw["scale"] == VS and kw["translate"] == (80, 8, 4)
+        assert kw["scale"] == VS
+        assert kw["translate"] == (80, 8, 4)
         assert type(data).__module__.startswith("dask")  # lazy
     raw, clefts = layers[0][0], layers[2][0]
     np.testing.assert_array_equal(raw.compute(), volume["raw"])
@@ -139,10 +140,14 @@ def test_reader_inference_output(tmp_path, synth_zarr, tiny_export):
     layers = read_bbem(out)
     assert [t for _, _, t in layers] == ["image", "labels"]
     (prob, kw, _), (lab, lkw, _) = layers
-    assert prob.dtype == np.uint8 and lab.dtype == np.uint8
-    assert kw["colormap"] == "magma" and kw["blending"] == "additive"
-    assert kw["contrast_limits"] == (0, 255) and kw["metadata"]["bbem_kind"] == "probability"
-    assert kw["scale"] == VS and kw["translate"] == (80, 8, 4)
+    assert prob.dtype == np.uint8
+    assert lab.dtype == np.uint8
+    assert kw["colormap"] == "magma"
+    assert kw["blending"] == "additive"
+    assert kw["contrast_limits"] == (0, 255)
+    assert kw["metadata"]["bbem_kind"] == "probability"
+    assert kw["scale"] == VS
+    assert kw["translate"] == (80, 8, 4)
     assert lkw["name"] == "clefts"
     # the viewer's in-memory prediction is exactly what `bbem infer` writes
     np.testing.assert_array_equal(prob.compute(), predict_array(tiny_export, read_raw(synth_zarr)))
@@ -170,9 +175,12 @@ def test_reader_multiscale_ome_zarr(tmp_path):
     g.create_array("0", data=full)
     g.create_array("1", data=full[:, :, ::2, ::2])
     [(data, kw, kind)] = read_bbem(tmp_path / "ms.zarr")
-    assert kind == "image" and kw["multiscale"] is True and kw["name"] == "ms"
+    assert kind == "image"
+    assert kw["multiscale"] is True
+    assert kw["name"] == "ms"
     assert [d.shape for d in data] == [(4, 16, 16), (4, 8, 8)]
-    assert kw["scale"] == (30.0, 6.0, 6.0) and kw["translate"] == (0.0, 12.0, 0.0)
+    assert kw["scale"] == (30.0, 6.0, 6.0)
+    assert kw["translate"] == (0.0, 12.0, 0.0)
     assert kw["contrast_limits"] == (0, 65535)
     np.testing.assert_array_equal(data[1].compute(), full[0, :, ::2, ::2])
 
@@ -207,7 +215,8 @@ def test_predict_array_checks(tiny_export, tmp_path):
     with pytest.raises(UserError, match="dtype int64"):
         predict_array(tiny_export, np.zeros((4, 32, 32), np.int64))
     p = predict_array(tiny_export, np.full((4, 32, 32), 128, np.uint8))
-    assert p.shape == (4, 32, 32) and p.dtype == np.uint8
+    assert p.shape == (4, 32, 32)
+    assert p.dtype == np.uint8
 
 
 def test_best_threshold(tmp_path, tiny_export):
@@ -225,7 +234,8 @@ def test_threshold_clefts_matches_scipy(rng):
         ours = threshold_clefts(prob, t)
         mask = prob >= t * 255
         ref, n = ndimage.label(mask, structure=np.ones((3, 3, 3)))
-        assert ours.max() == n and (ours > 0).sum() == mask.sum()
+        assert ours.max() == n
+        assert (ours > 0).sum() == mask.sum()
         # same partition of the voxels (label numbers may differ)
         pairs = np.unique(np.stack([ours[mask], ref[mask]]), axis=1)
         assert pairs.shape[1] == n
@@ -262,13 +272,18 @@ def run_dir(tmp_path) -> Path:
 def test_read_on_rates(run_dir):
     d = read_on_rates(run_dir)
     assert d.layers == ["conv1", "conv2"]
-    assert d.steps("conv1") == [10, 20] and d.steps("conv2") == [10, 20]
+    assert d.steps("conv1") == [10, 20]
+    assert d.steps("conv2") == [10, 20]
     s = d.at("conv1", 10)  # rows were out of unit order
-    assert s.unit.tolist() == [0, 1, 2] and s.on_rate.tolist() == [0.5, 0.2, 0.9]
-    assert s.degree.tolist() == [4, 3, 1] and s.full_fan.tolist() == [4, 4, 4]
-    assert s.mode == "in" and s.traffic.tolist() == [2.0, 0.6, 0.9]
+    assert s.unit.tolist() == [0, 1, 2]
+    assert s.on_rate.tolist() == [0.5, 0.2, 0.9]
+    assert s.degree.tolist() == [4, 3, 1]
+    assert s.full_fan.tolist() == [4, 4, 4]
+    assert s.mode == "in"
+    assert s.traffic.tolist() == [2.0, 0.6, 0.9]
     late = d.at("conv2", 20)  # the half-written last row is dropped
-    assert late.unit.tolist() == [0] and late.mode == "out"
+    assert late.unit.tolist() == [0]
+    assert late.mode == "out"
     with pytest.raises(UserError, match=r"no step 15 .* logged steps are 10, 20"):
         d.at("conv1", 15)
     with pytest.raises(UserError, match="no layer 'fc'"):
@@ -295,7 +310,8 @@ def test_balance_points_and_plot(run_dir):
     assert bool(torch.isfinite(y0).all())  # clamped like the BB controller
     fit = s.balance()
     slope, intercept = np.polyfit(x, y, 1)
-    assert fit["slope"] == pytest.approx(slope) and fit["intercept"] == pytest.approx(intercept)
+    assert fit["slope"] == pytest.approx(slope)
+    assert fit["intercept"] == pytest.approx(intercept)
 
     fig = plot_layer_step(Figure(), s)
     ax_a, ax_k, ax_b = fig.axes
@@ -345,7 +361,8 @@ def test_predictions_widget(
     qtbot.waitUntil(lambda: "raw clefts" in viewer.layers, timeout=60_000)
     qtbot.waitUntil(lambda: widget.run.enabled, timeout=10_000)
     prob = viewer.layers["raw cleft probability"]
-    assert prob.colormap.name == "magma" and prob.blending == "additive"
+    assert prob.colormap.name == "magma"
+    assert prob.blending == "additive"
     np.testing.assert_allclose(prob.scale, VS)
     np.testing.assert_array_equal(prob.data, predict_array(tiny_export, volume["raw"]))
     # the slider re-thresholds the same prediction
@@ -365,14 +382,16 @@ def test_predictions_widget_reports_errors(gl_display, make_napari_viewer, qtbot
 
     viewer = make_napari_viewer()
     widget = PredictionsWidget(viewer)
-    assert widget.start() is None and "open a volume" in widget.status.value
+    assert widget.start() is None
+    assert "open a volume" in widget.status.value
     viewer.add_image(np.zeros((32, 32), np.uint8), name="section")
     bad = tmp_path / "bad.pt"
     torch.save({"weights": 1}, bad)
     widget.checkpoint.value = bad
     assert widget.start() is not None
     qtbot.waitUntil(lambda: widget.status.value.startswith("failed:"), timeout=30_000)
-    assert widget.status.value.startswith("failed:") and "3D volume" in widget.status.value
+    assert widget.status.value.startswith("failed:")
+    assert "3D volume" in widget.status.value
     assert len(viewer.layers) == 1
 
 
@@ -386,7 +405,8 @@ def test_on_rates_widget(gl_display, make_napari_viewer, qtbot, run_dir, tmp_pat
     assert "does not exist" in widget.status.value
     widget.run_dir.value = run_dir  # loads through the changed signal
     assert widget.layer.choices == ("conv1", "conv2")
-    assert widget.step.max == 1 and widget.step.value == 1  # the last step
+    assert widget.step.max == 1
+    assert widget.step.value == 1  # the last step
     ax_a = widget.figure.axes[0]
     assert [p.get_height() for p in ax_a.patches] == pytest.approx([0.4, 0.3, 0.7])
     widget.step.value = 0

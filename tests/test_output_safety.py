@@ -320,4 +320,5 @@ def test_checkpoint_written_before_the_rule_still_loads(tmp_path):
     state = np.random.get_state()  # noqa: NPY002
     torch.save({"format": CHECKPOINT_FORMAT, "rng": {"numpy": state}, "step": 7}, old)
     data = load_checkpoint(old)
-    assert data["step"] == 7 and np.array_equal(data["rng"]["numpy"][1], state[1])
+    assert data["step"] == 7
+    assert np.array_equal(data["rng"]["numpy"][1], state[1])

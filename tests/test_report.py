@@ -79,9 +79,12 @@ def test_em_run_report(tmp_path):
     rep = run / "report"
     for name in ("curves", "pr_curve", "on_rates", "balance", "density"):
         png = rep / f"{name}.png"
-        assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000, name
+        assert png.read_bytes()[:4] == b"\x89PNG", name
+        assert png.stat().st_size > 10_000, name
     on_disk = json.loads((rep / "summary.json").read_text())
-    assert on_disk["steps"] == 30 and s["steps"] == 30 and on_disk["notes"] == []
+    assert on_disk["steps"] == 30
+    assert s["steps"] == 30
+    assert on_disk["notes"] == []
     assert on_disk["best_of_columns"]["val_pr_auc"] == {
         "value": pytest.approx(0.4),
         "step": 30,
@@ -89,7 +92,8 @@ def test_em_run_report(tmp_path):
     }
     assert "val_threshold_best" not in on_disk["best_of_columns"]
     assert on_disk["final"]["val_threshold_best"] == pytest.approx(0.6)
-    assert on_disk["best_checkpoint"]["step"] == 30 and 0 < on_disk["best_checkpoint"]["pr_auc"] < 1
+    assert on_disk["best_checkpoint"]["step"] == 30
+    assert 0 < on_disk["best_checkpoint"]["pr_auc"] < 1
     bb = on_disk["bb"]
     # the on-rates were put on the line exactly (up to bb.csv's 6 decimals)
     assert bb["net_balance"]["slope"] == pytest.approx(BETA, abs=1e-3)
@@ -97,7 +101,9 @@ def test_em_run_report(tmp_path):
     assert bb["net_balance"]["r2"] == pytest.approx(1.0, abs=1e-6)
     assert set(bb["layers"]) == {"model.0.conv", "model.1.submodule.conv"}
     layer = bb["layers"]["model.0.conv"]
-    assert layer["units"] == 8 and layer["full_fan"] == 4 and 0 < layer["density"] <= 1
+    assert layer["units"] == 8
+    assert layer["full_fan"] == 4
+    assert 0 < layer["density"] <= 1
     # density = kept edges / edges, recomputed from bb.csv by hand
     import csv
 
@@ -110,7 +116,8 @@ def test_em_run_report(tmp_path):
 
     bbd = read_bb_table(run / "bb.csv")
     steps, layers, dens = layer_density(bbd)
-    assert layers == ["model.0.conv", "model.1.submodule.conv"] and list(steps) == [0, 10, 20, 30]
+    assert layers == ["model.0.conv", "model.1.submodule.conv"]
+    assert list(steps) == [0, 10, 20, 30]
     with (run / "bb.csv").open() as f:
         rows = list(csv.DictReader(f))
     for i, name in enumerate(layers):
@@ -126,8 +133,10 @@ def test_em_run_report(tmp_path):
 def test_dense_run_skips_bb_plots_and_says_so(tmp_path):
     run = _run_dir(tmp_path, "dense")
     s = make_report(run)
-    assert s["bb"] is None and s["method"] == "dense"
-    assert any("dense" in n for n in s["notes"]) and any("best.pt" in n for n in s["notes"])
+    assert s["bb"] is None
+    assert s["method"] == "dense"
+    assert any("dense" in n for n in s["notes"])
+    assert any("best.pt" in n for n in s["notes"])
     assert sorted(p.name for p in (run / "report").glob("*.png")) == ["curves.png"]
 
 
@@ -138,7 +147,8 @@ def test_companion_run_with_other_columns(tmp_path, capsys):
     assert main(["report", str(run)]) == 0
     s = json.loads((run / "report" / "summary.json").read_text())
     wer = s["best_of_columns"]["val_wer"]
-    assert wer["higher_is_better"] is False and wer["step"] == 30
+    assert wer["higher_is_better"] is False
+    assert wer["step"] == 30
     assert s["best_checkpoint"] == {"step": 20, "wer": 0.7}
     assert any("PR curve" in n for n in s["notes"])
     assert (run / "report" / "balance.png").is_file()
@@ -177,7 +187,8 @@ def test_report_of_real_bb_run(tmp_path):
             )
             rd.append_bb(step, bb)
     s = make_report(rd.path)
-    assert s["bb"]["layers"] and s["bb"]["last_step"] == 6
+    assert s["bb"]["layers"]
+    assert s["bb"]["last_step"] == 6
     assert {"on_rates", "balance", "density", "curves"} <= set(s["plots"])
 
 

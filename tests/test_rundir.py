@@ -43,7 +43,9 @@ def test_metrics_append_widen_and_truncate(tmp_path):
     rd.append_metrics({"step": 30, "train_loss": 0.3, "pr_auc": float("nan")})
     rows = rd.read_metrics()
     assert [r["step"] for r in rows] == ["10", "20", "30"]
-    assert rows[0]["pr_auc"] == "" and rows[1]["pr_auc"] == "0.3" and rows[2]["pr_auc"] == ""
+    assert rows[0]["pr_auc"] == ""
+    assert rows[1]["pr_auc"] == "0.3"
+    assert rows[2]["pr_auc"] == ""
     rd.truncate_after(20)
     assert [r["step"] for r in RunDir.open(rd.path, lock=False).read_metrics()] == ["10", "20"]
 
@@ -61,7 +63,9 @@ def test_bb_rows_follow_the_mode(tmp_path):
         "full_fan": 4,
         "traffic": 0.8,
     }
-    assert rows[3]["degree"] == 2 and rows[3]["full_fan"] == 2  # mode out: fan-out, K = C_out
+    # mode out: fan-out, K = C_out
+    assert rows[3]["degree"] == 2
+    assert rows[3]["full_fan"] == 2
     rd = RunDir.create(tmp_path / "run", {})
     rd.append_bb(5, _FakeBB())
     rd.append_bb(6, None)  # a dense run leaves the header only
@@ -93,8 +97,10 @@ def test_read_bb_table(tmp_path):
         "20,a,in,0,0.3,"  # cut short by a kill
     )
     t = read_bb_table(p)
-    assert t["step"].tolist() == [10, 10] and t["degree"].dtype.kind == "i"
-    assert t["on_rate"].tolist() == [0.25, 0.5] and t["layer"].tolist() == ["a", "a"]
+    assert t["step"].tolist() == [10, 10]
+    assert t["degree"].dtype.kind == "i"
+    assert t["on_rate"].tolist() == [0.25, 0.5]
+    assert t["layer"].tolist() == ["a", "a"]
     p.write_text("step,layer,on_rate\n1,a,0.5\n")
     with pytest.raises(UserError, match="lacks columns"):
         read_bb_table(p)

@@ -26,7 +26,8 @@ def vol() -> dict:
 def test_shapes_dtypes_and_determinism(vol: dict) -> None:
     assert vol["raw"].shape == vol["clefts"].shape == vol["neuron_ids"].shape == SHAPE
     assert vol["raw"].dtype == np.uint8
-    assert vol["clefts"].dtype == np.uint64 and vol["neuron_ids"].dtype == np.uint64
+    assert vol["clefts"].dtype == np.uint64
+    assert vol["neuron_ids"].dtype == np.uint64
     assert vol["voxel_size"] == (40.0, 4.0, 4.0)
     a, b = make_synthetic((6, 96, 96), seed=3), make_synthetic((6, 96, 96), seed=3)
     for k in ("raw", "clefts", "neuron_ids"):
@@ -57,7 +58,8 @@ def test_clefts_are_rare_instances(vol: dict) -> None:
     frac = (c > 0).mean()
     assert 0.002 < frac < 0.01, frac
     ids = np.unique(c)
-    assert ids[0] == 0 and np.array_equal(ids[1:], np.arange(1, len(ids)))  # 0, then 1..K
+    assert ids[0] == 0  # 0, then 1..K
+    assert np.array_equal(ids[1:], np.arange(1, len(ids)))
     assert len(ids) - 1 == vol["info"]["synapses"] >= 3
 
 
@@ -101,7 +103,8 @@ def test_looks_like_em(vol: dict, shared_data_or_none: Path | None) -> None:
     assert raw[near_cleft].mean() < raw[membrane & ~near_cleft].mean()
     sec = raw.reshape(raw.shape[0], -1).mean(1)
     assert sec.std() > 1.0  # uneven contrast between sections
-    assert 100 < raw.mean() < 160 and 35 < raw.std() < 75
+    assert 100 < raw.mean() < 160
+    assert 35 < raw.std() < 75
     if shared_data_or_none is not None:
         real = open_volume(shared_data_or_none / "vnc-stack1-left.hdf")[5:10, :512, :512]
         d = wasserstein_distance(raw[::2, ::4, ::4].ravel(), real[:, ::4, ::4].ravel())
@@ -151,7 +154,8 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert "clefts" in capsys.readouterr().out
     assert open_volume(out).shape == (6, 96, 96)  # no key: volumes/raw
     img = matplotlib.image.imread(png)
-    assert img.ndim == 3 and img.shape[0] > 200
+    assert img.ndim == 3
+    assert img.shape[0] > 200
     # bad input: one line, exit 2, nothing written
     for bad, needle in (
         (argv, "exists"),
@@ -160,5 +164,6 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     ):
         assert main(bad) == 2
         err = capsys.readouterr().err.strip()
-        assert needle in err and "\n" not in err, err
+        assert needle in err, err
+        assert "\n" not in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.zarr", "p.png"]

@@ -45,25 +45,32 @@ def prob_volume(tmp_path_factory) -> tuple[Path, np.ndarray]:
 
 
 def test_threshold_level_and_binarize():
-    assert threshold_level(0) == 0 and threshold_level(1) == 255
-    assert threshold_level(0.5) == 128 and threshold_level(128 / 255) == 128
+    assert threshold_level(0) == 0
+    assert threshold_level(1) == 255
+    assert threshold_level(0.5) == 128
+    assert threshold_level(128 / 255) == 128
     assert threshold_level(np.float32(128 / 255)) == 128  # a float32 round trip of a level
-    assert threshold_level(127 / 255) == 127 and threshold_level(0.499) == 128
-    assert threshold_level(1e-3) == 1 and threshold_level(254.5 / 255) == 255
+    assert threshold_level(127 / 255) == 127
+    assert threshold_level(0.499) == 128
+    assert threshold_level(1e-3) == 1
+    assert threshold_level(254.5 / 255) == 255
     # every level is its own threshold, and the rule is "the smallest level at or above t"
     for level in range(256):
         assert threshold_level(level / 255) == level
     for t in np.linspace(0, 1, 1001):
         lv = threshold_level(t)
-        assert lv / 255 >= t - 1e-6 and (lv == 0 or (lv - 1) / 255 < t)
+        assert lv / 255 >= t - 1e-6
+        assert lv == 0 or (lv - 1) / 255 < t
     for bad in (-0.01, 1.01, float("nan"), "half"):
         with pytest.raises(UserError, match=r"probability in \[0, 1\]"):
             threshold_level(bad)  # type: ignore[arg-type]
     levels = np.arange(256, dtype=np.uint8).reshape(4, 8, 8)
     got = binarize(levels, 0.5)
-    assert got.dtype == bool and got.shape == levels.shape
+    assert got.dtype == bool
+    assert got.shape == levels.shape
     assert np.array_equal(got, levels >= 128)
-    assert binarize(levels, 0).all() and binarize(levels, 1).sum() == 1
+    assert binarize(levels, 0).all()
+    assert binarize(levels, 1).sum() == 1
     with pytest.raises(UserError, match="uint8"):
         binarize(levels / 255, 0.5)  # floats are thresholded only as they are stored
 
@@ -89,14 +96,18 @@ def test_infer_evaluate_and_plugin_agree(prob_volume, tmp_path, t):
     assert np.array_equal(labels, levels >= threshold_level(t))
     if t == 128 / 255:
         awkward = probs == np.float32(0.5005)
-        assert awkward.any() and (levels[awkward] == 128).all()
-        assert labels[awkward].all() and (probs[awkward] < t).all()
+        assert awkward.any()
+        assert (levels[awkward] == 128).all()
+        assert labels[awkward].all()
+        assert (probs[awkward] < t).all()
     # evaluate, on the levels and on the float probabilities: the same voxels, the same objects
     n_objects = int(cc3d.connected_components(labels, connectivity=26).max())
     for pred in (levels, probs):
         r = evaluate(pred, labels, threshold=t, min_size=0, cremi=False)
         c = r["voxel"]["counts_at_threshold"]
-        assert c["tp"] == labels.sum() and c["fp"] == 0 and c["fn"] == 0, c
+        assert c["tp"] == labels.sum(), c
+        assert c["fp"] == 0, c
+        assert c["fn"] == 0, c
         assert r["protocol"]["threshold_level_u8"] == threshold_level(t)
         assert r["object"]["n_pred"] == n_objects
         if n_objects:
@@ -104,4 +115,5 @@ def test_infer_evaluate_and_plugin_agree(prob_volume, tmp_path, t):
     # napari: the viewer's clefts are the same voxels, from levels or from probabilities
     for pred in (levels, probs):
         clefts = threshold_clefts(pred, t)
-        assert np.array_equal(clefts > 0, labels) and clefts.max() == n_objects
+        assert np.array_equal(clefts > 0, labels)
+        assert clefts.max() == n_objects

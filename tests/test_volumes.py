@@ -66,8 +66,11 @@ def test_zarr_v2_array_with_cremi_attributes(tmp_path: Path, vol: np.ndarray) ->
     a.attrs["resolution"] = [40, 4, 4]
     a.attrs["offset"] = [0, 12, 8]
     v = open_volume(tmp_path / "v2.zarr")
-    assert v.shape == vol.shape and v.dtype == np.uint8 and v.chunks == (2, 16, 16)
-    assert v.voxel_size == (40.0, 4.0, 4.0) and v.offset == (0.0, 12.0, 8.0)
+    assert v.shape == vol.shape
+    assert v.dtype == np.uint8
+    assert v.chunks == (2, 16, 16)
+    assert v.voxel_size == (40.0, 4.0, 4.0)
+    assert v.offset == (0.0, 12.0, 8.0)
     assert v.format == "zarr v2"
     np.testing.assert_array_equal(v[1:3, 5:20, 7:9], vol[1:3, 5:20, 7:9])
     np.testing.assert_array_equal(v.read(), vol)
@@ -108,7 +111,8 @@ def test_ome_zarr_04_v2_multiscale_5d_micrometer(tmp_path: Path, vol: np.ndarray
         }
     ]
     v = open_volume(tmp_path / "ome.zarr")
-    assert v.shape == vol.shape and v.chunks == (3, 20, 20)
+    assert v.shape == vol.shape
+    assert v.chunks == (3, 20, 20)
     np.testing.assert_allclose(v.voxel_size, (40, 4, 4))
     np.testing.assert_allclose(v.offset, (100, 0, 20))
     np.testing.assert_array_equal(v[2:5, 3:33, 1:2], vol[2:5, 3:33, 1:2])
@@ -168,10 +172,13 @@ def test_write_volume_zarr_round_trip_metadata(tmp_path: Path, rng: np.random.Ge
     out = write_volume(
         tmp_path / "o.zarr", data, voxel_size=(40, 4, 4), offset=(400, 8, 12), chunks=(4, 16, 16)
     )
-    assert out == tmp_path / "o.zarr" and not (tmp_path / "o.zarr.partial").exists()
+    assert out == tmp_path / "o.zarr"
+    assert not (tmp_path / "o.zarr.partial").exists()
     v = open_volume(out)
-    assert v.voxel_size == (40.0, 4.0, 4.0) and v.offset == (400.0, 8.0, 12.0)
-    assert v.chunks == (4, 16, 16) and v.dtype == np.float32
+    assert v.voxel_size == (40.0, 4.0, 4.0)
+    assert v.offset == (400.0, 8.0, 12.0)
+    assert v.chunks == (4, 16, 16)
+    assert v.dtype == np.float32
     np.testing.assert_array_equal(v.read(), data)
     # OME-Zarr 0.5 metadata as napari/ome-zarr read it, and zstd on the array
     g = zarr.open_group(str(out), mode="r")
@@ -181,7 +188,8 @@ def test_write_volume_zarr_round_trip_metadata(tmp_path: Path, rng: np.random.Ge
     assert {a["unit"] for a in ms["axes"]} == {"nanometer"}
     assert ms["datasets"][0]["coordinateTransformations"][0]["scale"] == [40, 4, 4]
     arr = g["0"]
-    assert arr.metadata.zarr_format == 3 and arr.metadata.dimension_names == ("z", "y", "x")
+    assert arr.metadata.zarr_format == 3
+    assert arr.metadata.dimension_names == ("z", "y", "x")
     assert any("zstd" in type(c).__name__.lower() for c in arr.compressors)
     # a dask array streams into the same layout
     write_volume(tmp_path / "d.zarr", da.from_array(data, chunks=(3, 20, 20)), chunks=(4, 16, 16))
@@ -217,16 +225,20 @@ def test_create_ome_zarr_opens_as_that_array(tmp_path: Path) -> None:
     )
     arr[0:5, 0:32, 0:32] = 0.5
     v = open_volume(tmp_path / "p.zarr")
-    assert v.shape == (10, 64, 64) and v.chunks == (5, 32, 32)
-    assert v.voxel_size == (40.0, 4.0, 4.0) and v.offset == (40.0, 0.0, 0.0)
+    assert v.shape == (10, 64, 64)
+    assert v.chunks == (5, 32, 32)
+    assert v.voxel_size == (40.0, 4.0, 4.0)
+    assert v.offset == (40.0, 0.0, 0.0)
     got = v.read()
-    assert got[:5, :32, :32].min() == 0.5 and got[5:].max() == 0.0
+    assert got[:5, :32, :32].min() == 0.5
+    assert got[5:].max() == 0.0
 
 
 def test_multipage_tiff_round_trip(tmp_path: Path, vol: np.ndarray) -> None:
     write_volume(tmp_path / "s.tif", vol, voxel_size=(50, 4.6, 4.6), offset=(100, 0, 9.2))
     v = open_volume(tmp_path / "s.tif")
-    assert v.shape == vol.shape and v.format == "tiff"
+    assert v.shape == vol.shape
+    assert v.format == "tiff"
     np.testing.assert_allclose(v.voxel_size, (50, 4.6, 4.6))
     np.testing.assert_allclose(v.offset, (100, 0, 9.2))
     np.testing.assert_array_equal(v[2:4, 10:20, 3:40], vol[2:4, 10:20, 3:40])
@@ -252,7 +264,9 @@ def test_folder_of_tiffs_natural_order(tmp_path: Path) -> None:
         tifffile.imwrite(folder / f"s{z}.tif", np.full((20, 30), z, dtype=np.uint16))
     (folder / "notes.txt").write_text("not a section")
     v = open_volume(folder)
-    assert v.shape == (12, 20, 30) and v.dtype == np.uint16 and v.format == "tiff folder"
+    assert v.shape == (12, 20, 30)
+    assert v.dtype == np.uint16
+    assert v.format == "tiff folder"
     assert [int(v[z, 0, 0]) for z in range(12)] == list(range(12))
     np.testing.assert_array_equal(
         v[3:6, 5:7, 0:2], np.arange(3, 6)[:, None, None] * np.ones((3, 2, 2))
@@ -264,12 +278,15 @@ def test_cremi_hdf5_uint64_background(
 ) -> None:
     clefts = make_cremi(tmp_path / "s.hdf", vol, rng)
     raw = open_volume(tmp_path / "s.hdf")  # no key: volumes/raw
-    assert raw.name.endswith("volumes/raw") and raw.chunks == (2, 16, 16)
-    assert raw.voxel_size == (40.0, 4.0, 4.0) and raw.offset == (80.0, 8.0, 4.0)
+    assert raw.name.endswith("volumes/raw")
+    assert raw.chunks == (2, 16, 16)
+    assert raw.voxel_size == (40.0, 4.0, 4.0)
+    assert raw.offset == (80.0, 8.0, 4.0)
     np.testing.assert_array_equal(raw.read(), vol)
     c = open_volume(f"{tmp_path / 's.hdf'}:volumes/labels/clefts")
     got = c.read()
-    assert got.dtype == np.uint64 and set(np.unique(got)) == {0, 7, 12}
+    assert got.dtype == np.uint64
+    assert set(np.unique(got)) == {0, 7, 12}
     np.testing.assert_array_equal(got > 0, clefts != BIG)
     np.testing.assert_array_equal(
         c[2:3, 10:12, 0:10], np.where(clefts[2:3, 10:12, 0:10] == BIG, 0, 7)
@@ -301,7 +318,8 @@ def test_block_read_touches_only_its_chunks(
     v = open_volume(tmp_path / "big.zarr")
     reads.clear()  # metadata reads at open do not count
     block = v[0:64, 0:256, 0:256]
-    assert block.shape == (64, 256, 256) and (block == 3).all()
+    assert block.shape == (64, 256, 256)
+    assert (block == 3).all()
     chunk_reads = [k for k in reads if not k.endswith("zarr.json")]
     assert len(chunk_reads) == 8, chunk_reads
     assert len(set(chunk_reads)) == 8
@@ -314,7 +332,8 @@ def test_dask_and_pickle(tmp_path: Path, vol: np.ndarray, rng: np.random.Generat
     assert d.chunksize == (2, 20, 25)
     np.testing.assert_array_equal(d.compute(), c.read())  # the mapping holds through dask
     c2 = pickle.loads(pickle.dumps(c))  # reopens from its URI (dask workers in other processes)
-    assert c2.name == c.name and c2.voxel_size == c.voxel_size
+    assert c2.name == c.name
+    assert c2.voxel_size == c.voxel_size
     np.testing.assert_array_equal(c2.read(), c.read())
     c.close()
     c2.close()
@@ -366,7 +385,8 @@ def test_nan_refused_and_nothing_left(tmp_path: Path) -> None:
     for name in ("n.zarr", "n.tif"):
         with pytest.raises(UserError, match="NaN"):
             write_volume(tmp_path / name, data)
-        assert not (tmp_path / name).exists() and not (tmp_path / f"{name}.partial").exists()
+        assert not (tmp_path / name).exists()
+        assert not (tmp_path / f"{name}.partial").exists()
     lazy = da.from_array(data, chunks=(1, 8, 8))
     with pytest.raises(UserError, match="NaN"):
         write_volume(tmp_path / "n2.zarr", lazy, chunks=(1, 8, 8))
@@ -400,12 +420,15 @@ def test_interrupted_write_leaves_nothing(tmp_path: Path, vol: np.ndarray) -> No
 
 def test_real_crops(shared_data: Path) -> None:
     raw = open_volume(shared_data / "vnc-stack1-left.hdf")
-    assert raw.shape == (20, 1024, 512) and raw.dtype == np.uint8
+    assert raw.shape == (20, 1024, 512)
+    assert raw.dtype == np.uint8
     np.testing.assert_allclose(raw.voxel_size, (50, 4.6, 4.6))
     clefts = open_volume(shared_data / "vnc-stack1-left.hdf", key="volumes/labels/clefts")
     block = clefts[0:20, 0:1024, 0:512]
     ids = np.unique(block)
-    assert ids[0] == 0 and ids.max() < 1000 and len(ids) - 1 == 33  # 33 synapses, background 0
+    assert ids[0] == 0
+    assert ids.max() < 1000
+    assert len(ids) - 1 == 33  # 33 synapses, background 0
     assert 0.005 < (block > 0).mean() < 0.01
     tif = open_volume(shared_data / "vnc-stack2-raw.tif")
     assert tif.shape == (20, 1024, 1024)
@@ -432,8 +455,8 @@ def test_random_blocks_match_numpy(tmp_path: Path, rng: np.random.Generator, fmt
     v = open_volume(path)
     for _ in range(25):
         lo = [int(rng.integers(0, s)) for s in data.shape]
-        hi = [int(rng.integers(a + 1, s + 1)) for a, s in zip(lo, data.shape)]
-        sl = tuple(slice(a, b) for a, b in zip(lo, hi))
+        hi = [int(rng.integers(a + 1, s + 1)) for a, s in zip(lo, data.shape, strict=True)]
+        sl = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
         np.testing.assert_array_equal(v[sl], data[sl])
     np.testing.assert_array_equal(v[4], data[4])  # an int index drops the axis, as numpy does
     np.testing.assert_array_equal(v[..., 3:5], data[..., 3:5])

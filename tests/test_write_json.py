@@ -25,7 +25,8 @@ def test_strict_json_from_numpy_and_non_finite_values(tmp_path):
         tmp_path / "r.json",
     )
     text = out.read_text()
-    assert "NaN" not in text and "Infinity" not in text
+    assert "NaN" not in text
+    assert "Infinity" not in text
     assert json.loads(text) == {
         "pr_auc": None,
         "f1": 0.5,
@@ -52,4 +53,5 @@ def test_the_old_import_paths_still_work():
     from bbem.metrics import write_json as from_metrics
     from bbem.metrics.evaluate import write_json as from_evaluate
 
-    assert from_metrics is write_json and from_evaluate is write_json
+    assert from_metrics is write_json
+    assert from_evaluate is write_json

@@ -67,11 +67,11 @@ class PatchSampler:
             # the cleft lands in the middle half of the patch, then the box is pushed inside
             off = [int(rng.integers(n // 4, max(n // 4 + 1, n - n // 4))) for n in p]
             start = [int(c[a]) - off[a] for a in range(3)]
-            start = [min(max(s, 0), max(0, d - n)) for s, d, n in zip(start, shape, p)]
+            start = [min(max(s, 0), max(0, d - n)) for s, d, n in zip(start, shape, p, strict=True)]
         else:
-            start = [int(rng.integers(0, max(0, d - n) + 1)) for d, n in zip(shape, p)]
+            start = [int(rng.integers(0, max(0, d - n) + 1)) for d, n in zip(shape, p, strict=True)]
         # a volume smaller than the patch: centre it (read pads with zeros)
-        start = [s if d >= n else -((n - d) // 2) for s, d, n in zip(start, shape, p)]
+        start = [s if d >= n else -((n - d) // 2) for s, d, n in zip(start, shape, p, strict=True)]
         return i, (start[0], start[1], start[2]), forced
 
     def sample(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:

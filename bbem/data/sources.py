@@ -151,12 +151,12 @@ class PatchSource:
         is zero in both.
         """
         lo = [max(0, s) for s in start]
-        hi = [min(d, s + n) for d, s, n in zip(self.shape, start, size)]
+        hi = [min(d, s + n) for d, s, n in zip(self.shape, start, size, strict=True)]
         z0 = self.z_range[0]
         idx = (slice(lo[0] + z0, hi[0] + z0), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
         raw = normalize_raw(np.asarray(self.raw[idx]))
         lab = np.asarray(self.label[idx]) != 0
-        pad = [(a - s, s + n - b) for s, n, a, b in zip(start, size, lo, hi)]
+        pad = [(a - s, s + n - b) for s, n, a, b in zip(start, size, lo, hi, strict=True)]
         if any(p != (0, 0) for p in pad):
             raw, lab = np.pad(raw, pad), np.pad(lab, pad)
         return raw, lab

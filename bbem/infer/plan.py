@@ -54,12 +54,12 @@ class Plan:
 
     @property
     def step(self) -> ZYX:
-        return tuple(r - h for r, h in zip(self.roi, self.halo))  # type: ignore[return-value]
+        return tuple(r - h for r, h in zip(self.roi, self.halo, strict=True))  # type: ignore[return-value]
 
     @property
     def grid(self) -> ZYX:
         """Number of blocks along z, y, x."""
-        return tuple(math.ceil(s / b) for s, b in zip(self.shape, self.block))  # type: ignore[return-value]
+        return tuple(math.ceil(s / b) for s, b in zip(self.shape, self.block, strict=True))  # type: ignore[return-value]
 
     @property
     def n_blocks(self) -> int:
@@ -71,7 +71,7 @@ class Plan:
 
         Half a voxel below the exact fraction so float rounding can never give ``step - 1``.
         """
-        return tuple(max(0.0, (h - 0.5) / r) for r, h in zip(self.roi, self.halo))  # type: ignore[return-value]
+        return tuple(max(0.0, (h - 0.5) / r) for r, h in zip(self.roi, self.halo, strict=True))  # type: ignore[return-value]
 
     def blocks(self) -> Iterator[ZYX]:
         """Block indices in C order."""
@@ -80,7 +80,8 @@ class Plan:
     def block_box(self, index: Sequence[int]) -> tuple[slice, slice, slice]:
         """The voxels block ``index`` owns (and writes)."""
         return tuple(  # type: ignore[return-value]
-            slice(i * b, min((i + 1) * b, s)) for i, b, s in zip(index, self.block, self.shape)
+            slice(i * b, min((i + 1) * b, s))
+            for i, b, s in zip(index, self.block, self.shape, strict=True)
         )
 
     def block_voxels(self, index: Sequence[int]) -> int:
@@ -90,7 +91,9 @@ class Plan:
     def read_box(self, index: Sequence[int]) -> tuple[slice, slice, slice]:
         """The voxels block ``index`` reads: the span of the global windows that touch it."""
         out = []
-        for box, size, roi, step in zip(self.block_box(index), self.shape, self.roi, self.step):
+        for box, size, roi, step in zip(
+            self.block_box(index), self.shape, self.roi, self.step, strict=True
+        ):
             starts = _window_starts(size, roi, step)
             r = min(roi, size)
             touching = starts[(starts < box.stop) & (starts + r > box.start)]
@@ -124,44 +127,44 @@ def make_plan(
     shape3 = _as_zyx(shape, "volume shape")
     assert shape3 is not None
     roi3 = _as_zyx(roi, "roi size") or DEFAULT_ROI
-    for r, f in zip(roi3, factor):
+    for r, f in zip(roi3, factor, strict=True):
         if r <= 0 or r % f:
             raise UserError(
                 f"sliding-window size {fmt(roi3)} must be a positive multiple of the network's "
                 f"downsampling factor {fmt(factor)}: choose e.g. {fmt(_round_up(roi3, factor))}"
             )
     # Cap to the volume; an axis thinner than the factor keeps one factor and MONAI pads it.
-    roi3 = tuple(max(f, min(r, s // f * f)) for r, f, s in zip(roi3, factor, shape3))  # type: ignore[assignment]
+    roi3 = tuple(max(f, min(r, s // f * f)) for r, f, s in zip(roi3, factor, shape3, strict=True))  # type: ignore[assignment]
 
     halo3 = _as_zyx(halo, "--halo")
     if halo3 is None:
         halo3 = tuple(r // 4 for r in roi3)  # type: ignore[assignment]
-    elif any(h < 0 or h >= r for h, r in zip(halo3, roi3)):
+    elif any(h < 0 or h >= r for h, r in zip(halo3, roi3, strict=True)):
         raise UserError(
             f"--halo {fmt(halo3)} must be smaller than the sliding window {fmt(roi3)} "
             f"along every axis: try --halo {fmt(tuple(r // 4 for r in roi3))}"
         )
-    step = tuple(r - h for r, h in zip(roi3, halo3))
+    step = tuple(r - h for r, h in zip(roi3, halo3, strict=True))
 
     block3 = _as_zyx(block, "--block")
     if block3 is None:
         block3 = tuple(  # type: ignore[assignment]
-            max(r, round(d / s) * s) for d, s, r in zip(DEFAULT_BLOCK, step, roi3)
+            max(r, round(d / s) * s) for d, s, r in zip(DEFAULT_BLOCK, step, roi3, strict=True)
         )
     else:
-        small = [b < min(r, s) for b, r, s in zip(block3, roi3, shape3)]
+        small = [b < min(r, s) for b, r, s in zip(block3, roi3, shape3, strict=True)]
         if any(small):
             raise UserError(
                 f"--block {fmt(block3)} is smaller than the network's field of view (the "
                 f"sliding window {fmt(roi3)}): pass --block of at least that, ideally a "
                 f"multiple of the window step {fmt(step)}"
             )
-    block3 = tuple(min(b, s) for b, s in zip(block3, shape3))  # type: ignore[assignment]
+    block3 = tuple(min(b, s) for b, s in zip(block3, shape3, strict=True))  # type: ignore[assignment]
     return Plan(shape=shape3, block=block3, halo=halo3, roi=roi3)  # type: ignore[arg-type]
 
 
 def _round_up(a: Sequence[int], f: Sequence[int]) -> ZYX:
-    return tuple(max(q, -(-x // q) * q) for x, q in zip(a, f))  # type: ignore[return-value]
+    return tuple(max(q, -(-x // q) * q) for x, q in zip(a, f, strict=True))  # type: ignore[return-value]
 
 
 def fmt(t: Sequence[int]) -> str:
@@ -176,7 +179,7 @@ def halo_cost(plan: Plan) -> float:
     axis the window spans whole has one window whatever the halo.
     """
     cost = 1.0
-    for size, r, h in zip(plan.shape, plan.roi, plan.halo):
+    for size, r, h in zip(plan.shape, plan.roi, plan.halo, strict=True):
         if size > r:
             cost *= (r - r // 4) / (r - h)
     return cost

@@ -112,7 +112,7 @@ def check_window_fits(model: Any, plan: Plan, factor: ZYX, input: Any) -> None:
     where instance normalisation fails (a ValueError deep in the first block). Only that case
     is tried, on one zero window, so a normal run costs nothing.
     """
-    if math.prod(r // f for r, f in zip(plan.roi, factor)) > 1:
+    if math.prod(r // f for r, f in zip(plan.roi, factor, strict=True)) > 1:
         return
     import torch
 

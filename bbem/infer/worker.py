@@ -98,7 +98,9 @@ def run_block(res: BlockResources, index: ZYX) -> BlockResult:
     read = job.plan.read_box(index)
     own = job.plan.block_box(index)
     prob = predict_region(net, normalize_raw(res.volume()[read]), job.plan, job.tta)
-    prob = prob[tuple(slice(o.start - r.start, o.stop - r.start) for o, r in zip(own, read))]
+    prob = prob[
+        tuple(slice(o.start - r.start, o.stop - r.start) for o, r in zip(own, read, strict=True))
+    ]
     levels = to_uint8(prob)
     res.array(job.prob_path)[own] = levels
     if job.label_path is not None and job.threshold is not None:

@@ -41,7 +41,7 @@ def smooth_noise(
         field = ndi.gaussian_filter(noise, [s if s >= 0.3 else 0 for s in sigma_px])
     else:
         step = [max(1.0, s / 1.5) for s in sigma_px]
-        small = tuple(max(2, math.ceil(n / st) + 1) for n, st in zip(shape, step))
+        small = tuple(max(2, math.ceil(n / st) + 1) for n, st in zip(shape, step, strict=True))
         coarse = rng.standard_normal(small, dtype=np.float32)
         coarse = ndi.gaussian_filter(coarse, [0.8 if m > 2 else 0 for m in small], mode="wrap")
         field = _upsample(coarse, shape)
@@ -98,7 +98,7 @@ def stamp_vesicles(
     """Rings of the vesicles' membranes (``ring_px`` wide, ``strength`` dark) in every section
     a vesicle reaches; ``centres`` ``[N, 3]`` and ``radii`` ``[N]`` in nm."""
     Z, Y, X = dark.shape
-    for (cz, cy, cx), r in zip(centres, radii):
+    for (cz, cy, cx), r in zip(centres, radii, strict=True):
         zc = cz / vs[0] - 0.5
         for z in range(max(0, math.floor(zc - 2)), min(Z, math.ceil(zc + 3))):
             gap = max(0.0, abs((z + 0.5) * vs[0] - cz) - vs[0] / 2)  # sections are slabs
@@ -119,4 +119,4 @@ def stamp_vesicles(
 
 
 def box_slices(lo: np.ndarray, hi: np.ndarray) -> tuple[slice, slice, slice]:
-    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))  # type: ignore[return-value]
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))  # type: ignore[return-value]

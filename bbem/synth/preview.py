@@ -41,7 +41,8 @@ def preview_png(
     rows = math.ceil(len(zs) / cols)
     aspect = raw.shape[1] / raw.shape[2]
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 5 * rows * aspect + 0.4), squeeze=False)
-    for ax, z in zip(axes.ravel(), zs):
+    # the grid may have more panels than sections: the spare ones are blanked below
+    for ax, z in zip(axes.ravel(), zs, strict=False):
         ax.imshow(raw[z], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
         if per[z]:
             ax.contour(clefts[z] > 0, [0.5], colors="red", linewidths=0.8)

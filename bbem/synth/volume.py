@@ -86,7 +86,7 @@ def make_synthetic(
     Clefts cover roughly 0.3-0.6% of voxels.
     """
     shape = tuple(int(s) for s in shape)
-    if len(shape) != 3 or any(s < m for s, m in zip(shape, MIN_SHAPE)):
+    if len(shape) != 3 or any(s < m for s, m in zip(shape, MIN_SHAPE, strict=True)):
         raise UserError(
             f"synthetic shape must be 3 integers z,y,x with z >= {MIN_SHAPE[0]} and "
             f"y, x >= {MIN_SHAPE[1]}, got {shape}"

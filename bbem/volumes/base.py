@@ -178,7 +178,7 @@ class Volume:
 def _describe_block(index: tuple[slice | int, ...], shape: tuple[int, ...]) -> str:
     """``z 0-7, y 0-63, x 64-127``: the voxels an index covers, for error messages."""
     parts = []
-    for axis, k, n in zip("zyx", index, shape):
+    for axis, k, n in zip("zyx", index, shape, strict=True):
         if isinstance(k, slice):
             start, stop, _ = k.indices(n)
             parts.append(f"{axis} {start}-{max(start, stop - 1)}")

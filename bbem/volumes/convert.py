@@ -153,7 +153,7 @@ def _convert(
         plans = {}
         for k, vol in sources.items():
             c = (1, *vol.shape[1:]) if to_tiff else tuple(chunks or default_chunks(vol.shape))
-            c = tuple(max(1, min(a, s)) for a, s in zip(c, vol.shape))
+            c = tuple(max(1, min(a, s)) for a, s in zip(c, vol.shape, strict=True))
             blk = c if to_tiff else block_shape(vol.shape, c, vol.dtype.itemsize, budget)
             plans[k] = (c, blk, list(iter_blocks(vol.shape, blk)))
         total = 2 * sum(len(p[2]) for p in plans.values())
@@ -231,7 +231,7 @@ def _verify(
     if not np.allclose(copy.voxel_size, src.voxel_size):
         raise RuntimeError(f"verification failed: voxel size {copy.voxel_size} != {src.voxel_size}")
     trim = _trimmer()
-    for sl, d in zip(blocks, digests):
+    for sl, d in zip(blocks, digests, strict=True):
         if _digest(copy[sl]) != d:
             raise RuntimeError(f"verification failed: block {sl} of {copy.name} differs")
         trim(0)

@@ -96,10 +96,7 @@ def open_volume(
         open_volume, os.fspath(path_or_uri), key=key, level=level, voxel_size=voxel_size
     )
     container, inner = split_uri(path_or_uri)
-    if inner and key:
-        key = f"{inner}/{key.strip('/')}"
-    else:
-        key = key or inner
+    key = f"{inner}/{key.strip('/')}" if inner and key else (key or inner)
     fmt = detect_format(container)
     uri = os.fspath(path_or_uri)
     if fmt == "zarr":

@@ -65,9 +65,9 @@ def _transforms(transforms: list[dict[str, Any]] | None, ndim: int) -> tuple[lis
     scale, trans = [1.0] * ndim, [0.0] * ndim
     for t in transforms or []:
         if t.get("type") == "scale" and "scale" in t:
-            scale = [a * b for a, b in zip(scale, t["scale"])]
+            scale = [a * b for a, b in zip(scale, t["scale"], strict=True)]
         elif t.get("type") == "translation" and "translation" in t:
-            trans = [a + b for a, b in zip(trans, t["translation"])]
+            trans = [a + b for a, b in zip(trans, t["translation"], strict=True)]
     return scale, trans
 
 
@@ -88,8 +88,8 @@ def _multiscale_level(
     axes = [a if isinstance(a, dict) else {"name": a} for a in axes]  # 0.3 used plain names
     scale, trans = _transforms(ds.get("coordinateTransformations"), ndim)
     gscale, gtrans = _transforms(ms.get("coordinateTransformations"), ndim)
-    scale = [a * b for a, b in zip(scale, gscale)]
-    trans = [a * gs + gt for a, gs, gt in zip(trans, gscale, gtrans)]
+    scale = [a * b for a, b in zip(scale, gscale, strict=True)]
+    trans = [a * gs + gt for a, gs, gt in zip(trans, gscale, gtrans, strict=True)]
     spatial = [i for i, a in enumerate(axes) if a.get("type", "space") == "space"]
     if len(spatial) != 3:
         raise UserError(
@@ -103,8 +103,8 @@ def _multiscale_level(
             f"{[a.get('name') for a in axes]}): extract one channel/time point first"
         )
     factors = [_UNIT_NM.get(str(axes[i].get("unit", "nanometer")).lower(), 1.0) for i in spatial]
-    vs = tuple(scale[i] * f for i, f in zip(spatial, factors))
-    off = tuple(trans[i] * f for i, f in zip(spatial, factors))
+    vs = tuple(scale[i] * f for i, f in zip(spatial, factors, strict=True))
+    off = tuple(trans[i] * f for i, f in zip(spatial, factors, strict=True))
     return arr, vs, off, drop
 
 
@@ -258,7 +258,7 @@ def init_ome_image(
     if len(shape) != 3 or min(shape) <= 0:
         raise UserError(f"an EM volume needs a non-empty 3D shape (z, y, x), got {shape}")
     chunks = tuple(int(c) for c in (chunks or default_chunks(shape)))
-    chunks = tuple(max(1, min(c, s)) for c, s in zip(chunks, shape))
+    chunks = tuple(max(1, min(c, s)) for c, s in zip(chunks, shape, strict=True))
     group.attrs.update(ome_attributes(name, voxel_size, offset))
     return group.create_array(
         LEVEL0,
