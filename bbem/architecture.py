@@ -60,7 +60,7 @@ def stride_product(strides: Sequence[int | Sequence[int]]) -> tuple[int, int, in
     """Product along z, y, x of per-level strides (each an int or a z, y, x triple)."""
     f = [1, 1, 1]
     for s in strides:
-        s3 = list(s) if isinstance(s, (list, tuple)) else [s, s, s]
+        s3 = list(s) if isinstance(s, Sequence) else [s, s, s]
         f = [a * int(b) for a, b in zip(f, s3, strict=True)]
     return (f[0], f[1], f[2])
 

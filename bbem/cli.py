@@ -18,7 +18,7 @@ def _zyx(text: str) -> tuple[int, int, int]:
         raise argparse.ArgumentTypeError(
             f"expected three non-negative integers z,y,x, got {text!r}"
         )
-    return parts  # type: ignore[return-value]
+    return parts
 
 
 # -- handlers: each imports its module lazily so `bbem --help` stays fast -------------------------
@@ -31,7 +31,7 @@ def _zyx_float(text: str) -> tuple[float, float, float]:
         v = ()
     if len(v) != 3 or min(v) <= 0:
         raise argparse.ArgumentTypeError(f"expected three positive numbers z,y,x, got {text!r}")
-    return v  # type: ignore[return-value]
+    return v
 
 
 def _train(a: argparse.Namespace) -> None:

@@ -12,7 +12,7 @@ import difflib
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_type_hints
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_type_hints
 
 from pydantic import (
     AfterValidator,
@@ -124,14 +124,16 @@ class DataConfig(_Section):
         return p if p.is_absolute() else (self.root_path() / p).resolve()
 
 
+def _default_strides() -> list[int | ZYX]:
+    return [tuple(s) for s in DEFAULT_MODEL["strides"]]
+
+
 class ModelConfig(_Section):
     """The MONAI U-Net (see :func:`bbem.model.build_model`); defaults are ``DEFAULT_MODEL``."""
 
     name: Literal["unet", "basicunet"] = DEFAULT_MODEL["name"]
     channels: list[int] = Field(default_factory=lambda: list(DEFAULT_MODEL["channels"]))
-    strides: list[int | ZYX] = Field(
-        default_factory=lambda: [tuple(s) for s in DEFAULT_MODEL["strides"]]
-    )
+    strides: list[int | ZYX] = Field(default_factory=_default_strides)
     num_res_units: int = Field(DEFAULT_MODEL["num_res_units"], ge=0)
     #: A MONAI norm or activation name, or ``[name, {arguments}]`` (e.g. ``[group, {num_groups: 4}]``).
     norm: str | tuple[str, dict[str, Any]] = DEFAULT_MODEL["norm"]
@@ -210,9 +212,10 @@ def _bb_fields() -> dict[str, Any]:
     """Pydantic fields for every ``BBConfig`` field (type, default, range, meaning), plus the
     YAML's extras: ``method: dense`` (no pruning, the default) and so an optional density."""
     hints = get_type_hints(BBConfig, vars(bb_config))
+    methods = ("dense", *bb_config.METHODS)
     out: dict[str, Any] = {
         "method": (
-            Literal[("dense", *bb_config.METHODS)],  # type: ignore[valid-type]
+            Literal[methods],
             Field("dense", description="dense (no pruning), or a BBConfig method"),
         )
     }
@@ -231,12 +234,16 @@ def _bb_fields() -> dict[str, Any]:
 
 #: The ``bb`` section: ``bbem.bb.BBConfig``'s fields, or ``method: dense`` for no pruning
 #: (METHOD.md explains them).
-BBSection: type[BaseModel] = create_model(
-    "BBSection",
-    __base__=_BBRules,
-    __doc__="``bbem.bb.BBConfig`` fields, or ``method: dense`` for no pruning (METHOD.md).",
-    **_bb_fields(),
-)
+if TYPE_CHECKING:
+    # create_model's fields exist only at run time: to a type checker the section is Any
+    BBSection = Any
+else:
+    BBSection = create_model(
+        "BBSection",
+        __base__=_BBRules,
+        __doc__="``bbem.bb.BBConfig`` fields, or ``method: dense`` for no pruning (METHOD.md).",
+        **_bb_fields(),
+    )
 
 
 class LossConfig(_Section):

@@ -49,12 +49,14 @@ def build_model(model_cfg: Mapping[str, Any] | None = None) -> nn.Module:
     if name == "unet":
         from monai.networks.nets import UNet
 
+        strides = tuple(tuple(s) if isinstance(s, (list, tuple)) else s for s in cfg["strides"])
         return UNet(
             spatial_dims=3,
             in_channels=1,
             out_channels=1,
             channels=tuple(cfg["channels"]),
-            strides=tuple(tuple(s) if isinstance(s, (list, tuple)) else s for s in cfg["strides"]),
+            # MONAI's annotation says Sequence[int]; it takes per-axis (z, y, x) strides too
+            strides=strides,  # type: ignore[arg-type]
             num_res_units=int(cfg["num_res_units"]),
             norm=cfg["norm"],
             act=cfg["act"],

@@ -82,7 +82,7 @@ def _write_report(rd: RunDir, out: Path) -> dict[str, Any]:
 
     best = _best_checkpoint(rd, notes)
     curve = (best.get("metrics") or {}).get("curve") if best else None
-    if curve and curve.get("precision"):
+    if best is not None and curve and curve.get("precision"):
         step = best.get("step")
         plots["pr_curve"] = str(
             plot_pr_curve(curve, out / "pr_curve.png", title=f"best checkpoint (step {step})")
@@ -236,7 +236,9 @@ def _scalarish(v: Any) -> bool:
     )
 
 
-def _balance(on_rate: np.ndarray, degree: np.ndarray, full_fan: np.ndarray) -> dict[str, float]:
+def _balance(
+    on_rate: np.ndarray, degree: np.ndarray, full_fan: np.ndarray
+) -> dict[str, float | None]:
     from bbem.bb import balance_fit  # torch: loaded only for runs with BB
 
     fit = balance_fit(on_rate, degree, full_fan)
@@ -390,7 +392,8 @@ def _plot_on_rates(bb: Mapping[str, np.ndarray], path: Path) -> Path:
             (last, f"step {steps[-1]:g}", "C0"),
         ):
             a = d["on_rate"][d["layer"] == name]
-            ax.hist(a, bins=bins, alpha=0.6, color=color, label=label)
+            # matplotlib's stub wants a Sequence[float]; it takes an array
+            ax.hist(a, bins=bins, alpha=0.6, color=color, label=label)  # type: ignore[arg-type]
         ax.set_title(_short(name), fontsize=8)
         ax.set_xlim(0, 1)
         ax.tick_params(labelsize=7)

@@ -13,7 +13,7 @@ import time
 import torch
 from torch import nn
 
-from bbem.bb import BBConfig, attach_bb
+from bbem.bb import BBConfig, BudgetedBroadcast, attach_bb
 from bbem.model import build_model
 
 MODEL = {
@@ -23,7 +23,7 @@ MODEL = {
 }
 
 
-def make(bb: bool):
+def make(bb: bool) -> tuple[nn.Module, torch.optim.Optimizer, BudgetedBroadcast | None]:
     torch.manual_seed(0)
     model = build_model(MODEL)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)

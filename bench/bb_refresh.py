@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from bbem.bb import BBConfig, attach_bb
+from bbem.bb.masking import original_weight
 
 
 def per_row_refresh(weight: torch.Tensor, on_rate: torch.Tensor, density: float) -> torch.Tensor:
@@ -64,9 +65,7 @@ def main() -> None:
 
     with_opt = timed(refresh_changing)
     bb.config.density = 0.5
-    loop = timed(
-        lambda: per_row_refresh(conv.parametrizations.weight.original.detach(), layer.on_rate, 0.5)
-    )
+    loop = timed(lambda: per_row_refresh(original_weight(conv).detach(), layer.on_rate, 0.5))
     print(f"| refresh of Conv3d(256,256,3), {torch.get_num_threads()} threads | median ms |")
     print("|---|---|")
     print(f"| bbem (vectorised) | {ours:.2f} |")

@@ -97,6 +97,7 @@ def run_unet(
     best = run_dir / "checkpoints" / "best.pt"
     _, info = load_inference_model(best)
     t = resolve_threshold("val", info)
+    assert t is not None  # "val" gives a number or raises
     pred = run_dir / "val_prediction.zarr"
     predict_volume(best, val, pred, key="volumes/raw", on_existing="overwrite", progress=False)
     r = evaluate(

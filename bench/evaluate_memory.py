@@ -98,11 +98,10 @@ def child(folder: Path, noise: float = 0.0) -> None:
     from bbem.volumes import open_volume
 
     pred = open_volume(folder / "pred.zarr")
-    if noise:
-        pred = _SaltNoise(pred, noise)
+    source = _SaltNoise(pred, noise) if noise else pred
     truth = open_volume(folder / "truth.zarr")
     t0 = time.perf_counter()
-    r = evaluate(pred, truth, voxel_size=VOXEL_SIZE, margin=(2, 16, 16))
+    r = evaluate(source, truth, voxel_size=VOXEL_SIZE, margin=(2, 16, 16))
     elapsed = time.perf_counter() - t0
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(
@@ -139,7 +138,8 @@ def main() -> int:
     if a.child:
         child(Path(a.child), a.noise)
         return 0
-    shape = tuple(int(v) for v in a.shape.split(","))
+    z, y, x = (int(v) for v in a.shape.split(","))
+    shape = (z, y, x)
     with tempfile.TemporaryDirectory(prefix="bbem-bench-eval-") as tmp:
         folder = Path(a.keep) if a.keep else Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)

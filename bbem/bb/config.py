@@ -147,8 +147,8 @@ class BBConfig:
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"BBConfig.{name} must be one of {list(allowed)}, got {value!r}")
-        for name, allowed in RANGES.items():
-            problem = allowed.problem(getattr(self, name))
+        for name, bounds in RANGES.items():
+            problem = bounds.problem(getattr(self, name))
             if problem:
                 raise ValueError(f"BBConfig.{name} {problem}, got {getattr(self, name)!r}")
         problem = relation_problem(asdict(self), "BBConfig.")

@@ -159,8 +159,8 @@ def topk_mask(scores: Tensor, degrees: Tensor) -> Tensor:
     keep = (s >= thr[:, None]) & (d > 0)[:, None]
     bad = np.flatnonzero(keep.sum(1) != d)
     if len(bad):
-        order = np.argsort(-s[bad], axis=1, kind="stable")
+        rank = np.argsort(-s[bad], axis=1, kind="stable")
         rows = np.zeros((len(bad), K), dtype=bool)
-        np.put_along_axis(rows, order, np.arange(K)[None, :] < d[bad, None], axis=1)
+        np.put_along_axis(rows, rank, np.arange(K)[None, :] < d[bad, None], axis=1)
         keep[bad] = rows
     return torch.from_numpy(keep.astype(np.float32))

@@ -6,7 +6,7 @@ import copy
 import fnmatch
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -22,6 +22,7 @@ from bbem.bb.masking import (
     add_mask,
     check_maskable,
     edge_scores,
+    layer_weight,
     original_weight,
 )
 from bbem.bb.probes import Probe, following_activation, on_fraction
@@ -168,6 +169,7 @@ class BudgetedBroadcast:
         else:
             deg = controller.uniform_degrees(U, K, total, k_max)
         if c.method == "random":
+            assert layer.rand_scores is not None  # attach_bb draws them for method "random"
             scores = layer.rand_scores
         else:
             scores = edge_scores(layer.module)
@@ -351,12 +353,13 @@ def _selected(model: nn.Module, layers: LayerSelector) -> list[tuple[str, nn.Mod
         return [(n, m) for n, m in named if layers(n, m)]
     items = tuple(layers) if not isinstance(layers, type) else (layers,)
     if all(isinstance(x, type) for x in items):
-        for t in items:
+        types = cast(tuple[type[nn.Module], ...], items)
+        for t in types:
             if not issubclass(t, SUPPORTED) or t.__name__.startswith("ConvTranspose"):
                 raise ValueError(
                     f"layers: cannot mask type {t.__name__}; BB masks {[s.__name__ for s in SUPPORTED]}"
                 )
-        return [(n, m) for n, m in named if isinstance(m, items)]
+        return [(n, m) for n, m in named if isinstance(m, types)]
     if all(isinstance(x, str) for x in items):
         return [(n, m) for n, m in named if any(fnmatch.fnmatchcase(n, p) for p in items)]
     raise ValueError(
@@ -393,7 +396,7 @@ def attach_bb(
     for name, m in chosen:
         check_maskable(name, m)
     if config.skip_unit_fan:
-        chosen = [(n, m) for n, m in chosen if m.weight.shape[0] > 1 and m.weight.shape[1] > 1]
+        chosen = [(n, m) for n, m in chosen if min(layer_weight(m).shape[:2]) > 1]
     if not chosen:
         raise ValueError("layers: no layer of the model matched, nothing to prune")
 
@@ -403,11 +406,12 @@ def attach_bb(
     records: list[_Layer] = []
     for name, module in chosen:
         mode = config.mode
-        for pattern, m in (modes or {}).items():
+        for pattern, pattern_mode in (modes or {}).items():
             if fnmatch.fnmatchcase(name, pattern):
-                mode = m
-        device = module.weight.device
-        c_out, c_in = module.weight.shape[:2]
+                mode = pattern_mode
+        weight = layer_weight(module)
+        device = weight.device
+        c_out, c_in = weight.shape[:2]
         units = c_out if mode == "in" else c_in
         mask = add_mask(module)
         rec = _Layer(
@@ -425,7 +429,9 @@ def attach_bb(
         _add_probe_hooks(rec, leaves, index)
         records.append(rec)
     bb = BudgetedBroadcast(model, config, records, optimizer)
-    model._bbem_bb = bb  # marks the model so a second attach is refused
+    # marks the model so a second attach is refused (nn.Module's __setattr__ stub takes
+    # tensors and modules only)
+    model._bbem_bb = bb  # type: ignore[assignment]
     return bb
 
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
 from bbem.bb.controller import EPS
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def binary_entropy(a: Tensor) -> Tensor:
@@ -18,7 +23,7 @@ def binary_entropy(a: Tensor) -> Tensor:
 
 
 def balance_points(
-    on_rate: Tensor, degree: Tensor, full_fan: float | Tensor
+    on_rate: Tensor | np.ndarray, degree: Tensor | np.ndarray, full_fan: float | Tensor | np.ndarray
 ) -> tuple[Tensor, Tensor]:
     """``(k / K, log((1-a)/a))`` per unit, float64 ``[units]`` each: the axes of METHOD.md's
     balance line. ``a`` is clamped to ``[EPS, 1 - EPS]`` as the controller does, so a dead or
@@ -28,7 +33,9 @@ def balance_points(
     return x, torch.log((1 - a) / a)
 
 
-def balance_fit(on_rate: Tensor, degree: Tensor, full_fan: float | Tensor) -> dict[str, float]:
+def balance_fit(
+    on_rate: Tensor | np.ndarray, degree: Tensor | np.ndarray, full_fan: float | Tensor | np.ndarray
+) -> dict[str, float]:
     """Least-squares fit of ``log((1-a)/a)`` against ``k / K``: slope (= beta K), intercept, R^2.
 
     The paper's optimum puts every unit on a line through the origin; BB should move a network

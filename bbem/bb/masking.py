@@ -7,6 +7,8 @@ exactly zero gradient.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 
@@ -18,6 +20,9 @@ class EdgeMask(nn.Module):
 
     Buffers: ``mask`` ``[C_out, C_in]`` (0/1) and ``scale`` ``[C_out]`` (the sqrt rescale).
     """
+
+    mask: Tensor
+    scale: Tensor
 
     def __init__(self, c_out: int, c_in: int, kernel_dims: int):
         super().__init__()
@@ -51,15 +56,20 @@ def is_masked(layer: nn.Module) -> bool:
     return p is not None and "weight" in p and any(isinstance(m, EdgeMask) for m in p["weight"])
 
 
+def layer_weight(layer: nn.Module) -> Tensor:
+    """``layer.weight`` (typed: ``nn.Module`` attributes read as ``Tensor | Module``)."""
+    return cast(Tensor, layer.weight)
+
+
 def add_mask(layer: nn.Module) -> EdgeMask:
-    w = layer.weight
+    w = layer_weight(layer)
     em = EdgeMask(w.shape[0], w.shape[1], w.dim() - 2).to(w.device)
     torch.nn.utils.parametrize.register_parametrization(layer, "weight", em)
     return em
 
 
 def original_weight(layer: nn.Module) -> nn.Parameter:
-    return layer.parametrizations.weight.original
+    return cast(nn.Parameter, layer.parametrizations.weight.original)  # type: ignore[union-attr]
 
 
 def edge_scores(layer: nn.Module) -> Tensor:

@@ -59,7 +59,7 @@ class RandMissingSectiond(RandomizableTransform, MapTransform):
         self.fill = float(fill)
         self.z = 0
 
-    def randomize(self, n_sections: int) -> None:  # type: ignore[override]
+    def randomize(self, n_sections: int) -> None:
         super().randomize(None)
         self.z = int(self.R.randint(n_sections))
 
@@ -98,15 +98,15 @@ class RandMisalignedSectiond(RandomizableTransform, MapTransform):
         self.slip_prob = float(slip_prob)
         self.z0, self.z1, self.shift = 1, 2, (0, 0)
 
-    def randomize(self, n_sections: int) -> None:  # type: ignore[override]
+    def randomize(self, n_sections: int) -> None:
         super().randomize(None)
         if n_sections < 2:
             self._do_transform = False
             return
-        shift = (0, 0)
-        while shift == (0, 0):
-            shift = tuple(int(s) for s in self.R.randint(-self.max_shift, self.max_shift + 1, 2))
-        self.shift = shift  # type: ignore[assignment]
+        dy, dx = 0, 0
+        while (dy, dx) == (0, 0):
+            dy, dx = (int(s) for s in self.R.randint(-self.max_shift, self.max_shift + 1, 2))
+        self.shift = (dy, dx)
         if self.R.rand() < self.slip_prob:
             self.z0 = int(self.R.randint(n_sections))
             self.z1 = self.z0 + 1
@@ -159,7 +159,7 @@ class RandMotionBlurd(RandomizableTransform, MapTransform):
         self.max_kernel = max(3, int(max_kernel))
         self.z, self.kernel = 0, line_kernel(3, 0.0)
 
-    def randomize(self, n_sections: int) -> None:  # type: ignore[override]
+    def randomize(self, n_sections: int) -> None:
         super().randomize(None)
         self.z = int(self.R.randint(n_sections))
         size = 2 * int(self.R.randint(1, (self.max_kernel - 1) // 2 + 1)) + 1

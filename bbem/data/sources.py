@@ -195,7 +195,8 @@ class YXCrop:
         inner, squeeze = [], []
         for axis, (sl, o, n) in enumerate(zip(idx, self.origin, self.shape, strict=True)):
             if isinstance(sl, (int, np.integer)):
-                sl, _ = slice(int(sl), int(sl) + 1), squeeze.append(axis)
+                sl = slice(int(sl), int(sl) + 1)
+                squeeze.append(axis)
             a, b, step = sl.indices(n)
             if step != 1:
                 raise IndexError("YXCrop takes unit-step slices only")

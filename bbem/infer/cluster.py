@@ -12,7 +12,7 @@ import contextlib
 import itertools
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 from distributed import Client, LocalCluster, as_completed, get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -49,7 +49,8 @@ class _RunPlugin(WorkerPlugin):
 
 def _block_task(name: str, index: ZYX) -> tuple[BlockResult, str]:
     worker = get_worker()
-    return run_block(worker.plugins[name].resources, index), worker.address
+    plugin = cast(_RunPlugin, worker.plugins[name])
+    return run_block(plugin.resources, index), worker.address
 
 
 class DaskScheduler:

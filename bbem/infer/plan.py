@@ -17,6 +17,7 @@ import math
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
@@ -107,7 +108,7 @@ def _as_zyx(value: Sequence[int] | None, what: str) -> ZYX | None:
     t = tuple(int(v) for v in value)
     if len(t) != 3:
         raise UserError(f"{what} needs three numbers z,y,x, got {value!r}")
-    return t  # type: ignore[return-value]
+    return t
 
 
 def make_plan(
@@ -134,11 +135,13 @@ def make_plan(
                 f"downsampling factor {fmt(factor)}: choose e.g. {fmt(_round_up(roi3, factor))}"
             )
     # Cap to the volume; an axis thinner than the factor keeps one factor and MONAI pads it.
-    roi3 = tuple(max(f, min(r, s // f * f)) for r, f, s in zip(roi3, factor, shape3, strict=True))  # type: ignore[assignment]
+    roi3 = cast(
+        ZYX, tuple(max(f, min(r, s // f * f)) for r, f, s in zip(roi3, factor, shape3, strict=True))
+    )
 
     halo3 = _as_zyx(halo, "--halo")
     if halo3 is None:
-        halo3 = tuple(r // 4 for r in roi3)  # type: ignore[assignment]
+        halo3 = cast(ZYX, tuple(r // 4 for r in roi3))
     elif any(h < 0 or h >= r for h, r in zip(halo3, roi3, strict=True)):
         raise UserError(
             f"--halo {fmt(halo3)} must be smaller than the sliding window {fmt(roi3)} "
@@ -148,8 +151,11 @@ def make_plan(
 
     block3 = _as_zyx(block, "--block")
     if block3 is None:
-        block3 = tuple(  # type: ignore[assignment]
-            max(r, round(d / s) * s) for d, s, r in zip(DEFAULT_BLOCK, step, roi3, strict=True)
+        block3 = cast(
+            ZYX,
+            tuple(
+                max(r, round(d / s) * s) for d, s, r in zip(DEFAULT_BLOCK, step, roi3, strict=True)
+            ),
         )
     else:
         small = [b < min(r, s) for b, r, s in zip(block3, roi3, shape3, strict=True)]
@@ -159,8 +165,8 @@ def make_plan(
                 f"sliding window {fmt(roi3)}): pass --block of at least that, ideally a "
                 f"multiple of the window step {fmt(step)}"
             )
-    block3 = tuple(min(b, s) for b, s in zip(block3, shape3, strict=True))  # type: ignore[assignment]
-    return Plan(shape=shape3, block=block3, halo=halo3, roi=roi3)  # type: ignore[arg-type]
+    block3 = cast(ZYX, tuple(min(b, s) for b, s in zip(block3, shape3, strict=True)))
+    return Plan(shape=shape3, block=block3, halo=halo3, roi=roi3)
 
 
 def _round_up(a: Sequence[int], f: Sequence[int]) -> ZYX:

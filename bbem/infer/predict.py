@@ -138,8 +138,9 @@ def predict_volume(
     inputs = [input, checkpoint_or_model if is_path else None]
     with store.claim_output(output, on_existing, inputs, labels=threshold is not None) as finished:
         # The model: a path is loaded here to check it early (and, on Dask, once per worker).
-        if is_path:
-            ckpt: str | None = str(Path(checkpoint_or_model).absolute())
+        ckpt: str | None
+        if isinstance(checkpoint_or_model, (str, os.PathLike)):  # is_path
+            ckpt = str(Path(checkpoint_or_model).absolute())
             model, info = load_inference_model(ckpt)
             factor = model_factor(model, info["model_config"])
             if roi_size is None:

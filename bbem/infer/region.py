@@ -8,7 +8,7 @@ import functools
 import itertools
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -102,7 +102,7 @@ def predict_region(model: Any, raw: np.ndarray, plan: Plan, tta: bool = False) -
             sigma_scale=SIGMA_SCALE,
             roi_weight_map=gaussian_weights(tuple(plan.roi)),
         )
-    return out[0, 0].numpy()
+    return cast(torch.Tensor, out)[0, 0].numpy()  # one tensor: the predictor returns one
 
 
 def check_window_fits(model: Any, plan: Plan, factor: ZYX, input: Any) -> None:

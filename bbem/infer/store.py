@@ -132,8 +132,8 @@ def build_manifest(
     """The run record: everything that decides the bytes of the output."""
     ck: dict[str, Any] = {"path": checkpoint}
     if checkpoint is not None:
-        st = os.stat(checkpoint)
-        ck.update(size=st.st_size, mtime_ns=st.st_mtime_ns)
+        ck_st = os.stat(checkpoint)
+        ck.update(size=ck_st.st_size, mtime_ns=ck_st.st_mtime_ns)
     st = input_stat(input)
     return {
         "version": MANIFEST_VERSION,
@@ -286,7 +286,8 @@ def prepare_work(
             {"ome": {"version": "0.5", "labels": [LABEL_NAME]}}
         )
         lab = zarr.open_group(label_group, mode="a")
-        ome = dict(lab.attrs.get("ome", {}))
+        attrs: dict[str, Any] = dict(lab.attrs)
+        ome = dict(attrs.get("ome", {}))
         ome["image-label"] = {"source": {"image": "../../"}}
         lab.attrs.update({"ome": ome})
     (work / DONE_DIR).mkdir()

@@ -173,7 +173,7 @@ class CremiDistances:
                 **proto,
             }
         out: dict[str, Any] = {}
-        stats = {}
+        stats: dict[str, dict[str, float] | None] = {}
         for name, other, key, count_key in (
             ("pred", "truth", "adf", "fp"),
             ("truth", "pred", "adgt", "fn"),
@@ -191,9 +191,12 @@ class CremiDistances:
         out["adf"], out["adgt"] = stats["adf"], stats["adgt"]
         # flat means too, for tables that want one number per measure
         for k in ("adf", "adgt"):
-            out[f"{k}_mean"] = stats[k]["mean"] if stats[k] is not None else None
-        both = stats["adf"] is not None and stats["adgt"] is not None
-        out["score"] = (stats["adf"]["mean"] + stats["adgt"]["mean"]) / 2 if both else None
+            s = stats[k]
+            out[f"{k}_mean"] = s["mean"] if s is not None else None
+        adf, adgt = stats["adf"], stats["adgt"]
+        out["score"] = (
+            (adf["mean"] + adgt["mean"]) / 2 if adf is not None and adgt is not None else None
+        )
         p = 1 - out["fp"] / out["n_pred"] if out["n_pred"] else 0.0
         r = 1 - out["fn"] / out["n_truth"] if out["n_truth"] else 0.0
         out["precision"], out["recall"] = p, r

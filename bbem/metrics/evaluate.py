@@ -154,6 +154,7 @@ def evaluate(
     if truth_lab is not None and (truth_cc is None or truth_lab.n_instances() > 1):
         t_obj, ov, instances = truth_lab, ov_lab, "labels"
     else:
+        assert truth_cc is not None  # cc_ok: only truth_instances="labels" goes without it
         t_obj, ov, instances = truth_cc, ov_cc, "components"
     voxel = hist.result()
     if hist.n_positive == 0:  # PR-AUC needs positives; PRHistogram's 0 would read as a score
@@ -390,7 +391,7 @@ def _margin(margin: Sequence[int] | None, shape: tuple[int, ...]) -> tuple[int, 
         raise UserError(f"margin must be three non-negative voxel counts z,y,x, got {margin}")
     if any(2 * a >= s for a, s in zip(m, shape, strict=True)):
         raise UserError(f"margin {list(m)} leaves no voxel of a volume of shape {list(shape)}")
-    return m  # type: ignore[return-value]
+    return m
 
 
 def _voxel_size(
@@ -400,11 +401,11 @@ def _voxel_size(
         vs = tuple(float(v) for v in voxel_size)
         if len(vs) != 3 or min(vs) <= 0:
             raise UserError(f"voxel_size must be three positive nm values z,y,x, got {voxel_size}")
-        return vs, "argument"  # type: ignore[return-value]
+        return vs, "argument"
     for src, name in ((truth, "truth"), (prediction, "prediction")):
-        vs = getattr(src, "voxel_size", None)
-        if vs is not None and tuple(float(v) for v in vs) != (1.0, 1.0, 1.0):
-            return tuple(float(v) for v in vs), name  # type: ignore[return-value]
+        src_vs = getattr(src, "voxel_size", None)
+        if src_vs is not None and tuple(float(v) for v in src_vs) != (1.0, 1.0, 1.0):
+            return tuple(float(v) for v in src_vs), name  # type: ignore[return-value]
     return (1.0, 1.0, 1.0), "unknown: 1 nm assumed"
 
 

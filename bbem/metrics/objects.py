@@ -63,7 +63,8 @@ class Objects:
         if self.kind == "labels":
             self._add_labels(np.asarray(block), z0, where)
             return np.asarray(block), 0
-        lab, n = cc3d.connected_components(
+        # cc3d's stub takes a Literal connectivity; ours is an int that __init__ checked
+        lab, n = cc3d.connected_components(  # type: ignore[call-overload]
             np.asarray(block, dtype=bool),
             connectivity=self.connectivity,
             return_N=True,
@@ -166,7 +167,9 @@ def remove_small_objects(
         return int(sizes.size), 0
     for z0, offset in zip(range(0, z, slab), offsets, strict=True):
         block = np.asarray(mask[z0 : z0 + slab])
-        lab = cc3d.connected_components(block != 0, connectivity=connectivity, out_dtype=np.uint32)
+        lab = cc3d.connected_components(  # type: ignore[call-overload]  # int, checked by Objects
+            block != 0, connectivity=connectivity, out_dtype=np.uint32
+        )
         on = lab > 0
         clear = np.zeros_like(on)
         clear[on] = small[final[lab[on].astype(np.int64) + offset]]

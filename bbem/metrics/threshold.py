@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -84,7 +85,8 @@ def stored_threshold(prediction: str | os.PathLike) -> float | None:
     import zarr
 
     try:
-        t = dict(zarr.open_group(path, mode="r").attrs).get(THRESHOLD_ATTR, {}).get("threshold_val")
+        attrs: dict[str, Any] = dict(zarr.open_group(path, mode="r").attrs)
+        t = attrs.get(THRESHOLD_ATTR, {}).get("threshold_val")
     except Exception:  # foreign metadata: no stored threshold, the caller's default applies
         return None
     return float(t) if isinstance(t, (int, float)) and 0 <= t <= 1 else None

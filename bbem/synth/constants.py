@@ -16,8 +16,8 @@ KEYS = {
 MIN_SHAPE = (1, 32, 32)
 #: Grey levels at the 0, 5, ..., 100th percentiles of ../shared/data's real ssTEM stacks
 #: (vnc-stack1-left.hdf and vnc-stack2-raw.tif agree to one level).
-REAL_EM_QUANTILES = (0, 32, 49, 63, 75, 86, 96, 106, 116, 125, 134, 143, 151, 159, 167, 174)
-REAL_EM_QUANTILES += (181, 188, 196, 206, 255)
+REAL_EM_QUANTILES: tuple[int, ...] = (0, 32, 49, 63, 75, 86, 96, 106, 116, 125, 134, 143, 151)
+REAL_EM_QUANTILES += (159, 167, 174, 181, 188, 196, 206, 255)
 
 Range = tuple[float, float]
 ZYX = tuple[float, float, float]

@@ -44,8 +44,8 @@ def _contact_sheet(
     sub = lab[box_slices(lo, hi)]
     A, B = sub == a, sub == b
     sheet = (A & inplane_dilate(B, 1)) | (B & inplane_dilate(A, 2))
-    g = np.ogrid[tuple(slice(lo[k], hi[k]) for k in range(3))]
-    g = [(g[k] - p[k]) * vs[k] for k in range(3)]
+    grid = np.ogrid[tuple(slice(lo[k], hi[k]) for k in range(3))]
+    g = [(grid[k] - p[k]) * vs[k] for k in range(3)]
     sheet &= (g[0] / r_z) ** 2 + (g[1] ** 2 + g[2] ** 2) / r_lat**2 <= 1
     if sheet.sum() < c.min_sheet_voxels or (sheet & taken[box_slices(lo, hi)]).any():
         return None

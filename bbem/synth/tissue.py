@@ -47,9 +47,9 @@ def neurites(
     # large-scale bending of the neurites (coordinates warped before distances)
     bz, by, bx = c.bend_length
     lsig = [max(1.0, bz / vs[0]), by / (2 * vs[1]), bx / (2 * vs[2])]
-    zz = zz + c.bend * 0.5 * smooth_noise(rng, hs, lsig)
-    yy = yy + c.bend * smooth_noise(rng, hs, lsig)
-    xx = xx + c.bend * smooth_noise(rng, hs, lsig)
+    zz += c.bend * 0.5 * smooth_noise(rng, hs, lsig)
+    yy += c.bend * smooth_noise(rng, hs, lsig)
+    xx += c.bend * smooth_noise(rng, hs, lsig)
     # power distance to line i: |p - c|^2 - ((p - c).u)^2 - r^2. Dropping |p|^2 (the same for
     # every line) leaves -(p.u)^2 - 2 p.c' + k with c' = c - (c.u)u: two matmuls per chunk.
     cu = (centre * u).sum(1)
@@ -57,7 +57,7 @@ def neurites(
     k = (cperp**2).sum(1) - radius**2
     pts = np.stack([zz.ravel(), yy.ravel(), xx.ravel()], 1).astype(np.float32)
     ut, ct = u.T.astype(np.float32), cperp.T.astype(np.float32)
-    label = np.empty(len(pts), np.uint32)
+    label: np.ndarray = np.empty(len(pts), np.uint32)
     for start in range(0, len(pts), 1 << 15):
         chunk = pts[start : start + (1 << 15)]
         pu = chunk @ ut

@@ -32,8 +32,8 @@ def imaging(img: np.ndarray, rng: np.random.Generator, c: SynthConstants) -> np.
     EM (float64 ``[Z, Y, X]`` in [0, 255])."""
     Z, Y, X = img.shape
     img = ndi.gaussian_filter(img, (0, c.optics_blur_px, c.optics_blur_px))
-    gain = rng.normal(1.0, c.section_gain_sd, Z).astype(np.float32)
-    bias = rng.normal(0.0, c.section_bias_sd, Z).astype(np.float32)
+    gain = rng.normal(1.0, c.section_gain_sd, int(Z)).astype(np.float32)
+    bias = rng.normal(0.0, c.section_bias_sd, int(Z)).astype(np.float32)
     shade = c.shading * smooth_noise(rng, img.shape, (c.shading_px, Y / 3, X / 3))
     img = img * gain[:, None, None] * (1 + shade) + bias[:, None, None]
     img = rng.poisson(np.clip(img, 0, None) * c.electrons).astype(np.float32) / c.electrons

@@ -67,7 +67,7 @@ class Volume:
             raise UserError(f"{name} is empty (shape {shape}): it holds no voxels")
         self._array = array
         self.name = name
-        self.shape: tuple[int, int, int] = shape  # type: ignore[assignment]
+        self.shape: tuple[int, int, int] = shape
         self.dtype = np.dtype(array.dtype)
         self.voxel_size: tuple[float, float, float] = _triple(voxel_size, "voxel size", name)
         self.offset: tuple[float, float, float] = _triple(offset, "offset", name)
@@ -195,7 +195,7 @@ def _triple(values: Sequence[float], what: str, name: str) -> tuple[float, float
     vals = tuple(float(v) for v in np.asarray(values, dtype=float).ravel())
     if len(vals) != 3:
         raise UserError(f"{name}: {what} must have 3 values (z, y, x), got {vals}")
-    return vals  # type: ignore[return-value]
+    return vals
 
 
 def check_same_shape(*volumes: Volume) -> None:

@@ -62,7 +62,7 @@ def open_hdf5(path: Path, key: str | None, uri: str, reopen: Any) -> Volume:
             raise UserError(
                 f"key {key!r} is not a dataset in {path}; it holds: {', '.join(keys) or 'nothing'}"
             )
-        attrs = dict(ds.attrs)
+        attrs: dict[str, Any] = dict(ds.attrs)
         vs = attrs.get("resolution", attrs.get("voxel_size", (1.0, 1.0, 1.0)))
         off = attrs.get("offset", (0.0, 0.0, 0.0))
         name = uri if uri.endswith(key) else f"{uri}:{key}"

@@ -13,7 +13,7 @@ import logging
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import tifffile
@@ -21,6 +21,10 @@ import zarr
 
 from bbem.errors import UserError, one_line
 from bbem.volumes.base import Volume
+from bbem.volumes.zarr_io import Squeezed
+
+if TYPE_CHECKING:
+    from tifffile.zarr import ZarrStore
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 _UNIT_NM = {"nm": 1.0, "nanometer": 1.0, "um": 1e3, "µm": 1e3, "micron": 1e3, "micrometer": 1e3}
@@ -160,7 +164,7 @@ def _refuse_colour(path: Path, series: tifffile.TiffPageSeries) -> None:
     axes = series.axes
     if not axes.endswith("S"):
         return
-    photometric = series.keyframe.photometric.name
+    photometric = tifffile.PHOTOMETRIC(series.keyframe.photometric).name
     raise UserError(
         f"{path} is a colour image ({photometric}, {series.shape[-1]} samples per pixel, shape "
         f"{series.shape}, axes {axes}): bbem reads greyscale EM (z, y, x); convert it first, "
@@ -195,6 +199,7 @@ def _check_sections(files: list[Path]) -> None:
 
 def open_tiff(path: Path, uri: str, reopen: Any) -> Volume:
     """Open a multi-page tiff or a folder of 2D tiffs lazily."""
+    store: ZarrStore  # over the files of a folder, or the pages of one file
     if path.is_dir():
         files = tiff_files(path)
         if not files:
@@ -233,16 +238,15 @@ def open_tiff(path: Path, uri: str, reopen: Any) -> Volume:
 
         fmt = "tiff"
     arr = zarr.open_array(store, mode="r")
+    array: zarr.Array | Squeezed = arr
     if arr.ndim > 3 and all(s == 1 for s in arr.shape[:-3]):
-        from bbem.volumes.zarr_io import Squeezed
-
-        arr = Squeezed(arr, list(range(arr.ndim - 3)))
+        array = Squeezed(arr, list(range(arr.ndim - 3)))
     return Volume(
-        arr,
+        array,
         name=uri,
         voxel_size=vs or (1.0, 1.0, 1.0),
         offset=off,
-        chunks=tuple(arr.chunks),
+        chunks=tuple(array.chunks),
         fmt=fmt,
         reopen=reopen,
         close=close,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import zarr
@@ -82,7 +82,8 @@ def _multiscale_level(
             f"level {level} does not exist"
         )
     ds = datasets[level]
-    arr = group[ds["path"]]
+    # a group here is broken metadata: open_zarr reports the AttributeError as such
+    arr = cast(zarr.Array, group[ds["path"]])
     ndim = arr.ndim
     axes = ms.get("axes") or [{"name": n, "type": "space"} for n in "zyx"[-ndim:]]
     axes = [a if isinstance(a, dict) else {"name": a} for a in axes]  # 0.3 used plain names
@@ -196,7 +197,7 @@ def _open_zarr(path: Path, key: str | None, level: int, uri: str, reopen: Any) -
         arr, vs, off, drop = _multiscale_level(group, ms[0], level, uri)
     else:
         arr = node
-        attrs = dict(arr.attrs)
+        attrs: dict[str, Any] = dict(arr.attrs)
         vs = attrs.get("resolution", attrs.get("voxel_size", (1.0, 1.0, 1.0)))
         off = attrs.get("offset", (0.0, 0.0, 0.0))
         drop = []

@@ -5,9 +5,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
+from magicgui.types import FileDialogMode
 from magicgui.widgets import (
     CheckBox,
     ComboBox,
@@ -48,7 +49,9 @@ class PredictionsWidget(Container):
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer
-        self.checkpoint = FileEdit(label="checkpoint", filter="*.pt", mode="r")
+        self.checkpoint = FileEdit(
+            label="checkpoint", filter="*.pt", mode=FileDialogMode.EXISTING_FILE
+        )
         self.image = ComboBox(label="image", choices=self._image_layers)
         self.tta = CheckBox(text="flip averaging (8x slower)", value=False)
         self.run = PushButton(text="Predict")
@@ -85,7 +88,7 @@ class PredictionsWidget(Container):
         if layer is None:
             self.status.value = "no image layer: open a volume first"
             return None
-        if not ckpt or not Path(ckpt).is_file():
+        if not isinstance(ckpt, Path) or not ckpt.is_file():
             self.status.value = "choose a checkpoint file (.pt)"
             return None
         data = layer.data[0] if layer.multiscale else layer.data
@@ -161,7 +164,7 @@ class OnRatesWidget(Container):
         super().__init__()
         self.viewer = napari_viewer
         self.data: OnRates | None = None
-        self.run_dir = FileEdit(label="run directory", mode="d")
+        self.run_dir = FileEdit(label="run directory", mode=FileDialogMode.EXISTING_DIRECTORY)
         self.layer = ComboBox(label="layer", choices=[])
         self.step = Slider(label="step", min=0, max=0, value=0)
         self.status = Label(value="choose a run directory (with bb.csv)")
@@ -178,7 +181,7 @@ class OnRatesWidget(Container):
     def load(self, path: Any = None) -> None:
         """Read ``bb.csv`` of the chosen run directory and draw its last step."""
         try:
-            self.data = read_on_rates(self.run_dir.value if path is None else path)
+            self.data = read_on_rates(cast(Path, self.run_dir.value) if path is None else path)
         except UserError as e:
             self.data = None
             self.status.value = _message(e)

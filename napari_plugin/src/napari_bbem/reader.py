@@ -121,7 +121,8 @@ def _open_levels(path: Path, key: str | None) -> list[Any]:
         import zarr
 
         node = zarr.open(str(path), mode="r")
-        node = node[key] if key else node
+        if key and isinstance(node, zarr.Group):  # open_volume refused a key into an array
+            node = node[key]
         ms = ome_multiscales(dict(node.attrs)) if isinstance(node, zarr.Group) else None
         n = len(ms[0].get("datasets", [])) if ms else 1
         levels += [open_volume(path, key=key, level=i) for i in range(1, n)]
