@@ -11,7 +11,6 @@ from typing import Any, cast
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 from bbem.bb import controller
 from bbem.bb.config import MODES, BBConfig
@@ -24,8 +23,9 @@ from bbem.bb.masking import (
     edge_scores,
     layer_weight,
     original_weight,
+    remove_mask,
 )
-from bbem.bb.probes import Probe, following_activation, on_fraction
+from bbem.bb.probes import ActHook, LayerHook, PreHook, Probe, following_activation
 
 LayerSelector = tuple[type, ...] | Sequence[str] | Callable[[str, nn.Module], bool]
 
@@ -321,10 +321,7 @@ class BudgetedBroadcast:
             for h in layer.hooks:
                 h.remove()
             layer.hooks.clear()
-            _own_class(layer.module)
-            parametrize.remove_parametrizations(
-                layer.module, "weight", leave_parametrized=leave_parametrized
-            )
+            remove_mask(layer.module, bake=leave_parametrized)
         if getattr(self.model, "_bbem_bb", None) is self:
             del self.model._bbem_bb
         self.baked = True
@@ -435,72 +432,14 @@ def attach_bb(
     return bb
 
 
-def _own_class(module: nn.Module) -> None:
-    """Give a parametrized module a class of its own before its parametrization is removed.
-
-    ``torch.nn.utils.parametrize`` keeps the ``weight`` property on a generated class, and
-    ``copy.deepcopy`` shares that class between a model and its copy; removal deletes the
-    property from the class, which would break the other model. A sibling class with the same
-    namespace keeps the removal local.
-    """
-    cls = type(module)
-    ns = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
-    module.__class__ = type(cls.__name__, cls.__bases__, ns)
-
-
-class _PreHook:
-    """Fan-out probe: the layer's input channels are the units."""
-
-    def __init__(self, probe: Probe, channel_dim: int):
-        self.probe, self.channel_dim = probe, channel_dim
-
-    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        if module.training:
-            frac = on_fraction(args[0], self.channel_dim)
-            if frac.numel() == self.probe.units:
-                self.probe.add(frac)
-
-
-class _LayerHook:
-    """Fan-in probe at the layer's output: measures it (fallback), or arms the activation hook."""
-
-    def __init__(self, probe: Probe, channel_dim: int):
-        self.probe, self.channel_dim = probe, channel_dim
-
-    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
-        if not module.training:
-            return
-        if self.probe.fallback:
-            self.probe.add(on_fraction(output, self.channel_dim))
-        else:
-            self.probe.pending = True
-
-
-class _ActHook(_LayerHook):
-    """Fan-in probe at the following activation, when the layer's hook armed it."""
-
-    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
-        probe = self.probe
-        if not probe.pending:
-            return
-        probe.pending = False
-        frac = on_fraction(output, self.channel_dim)
-        if frac.numel() == probe.units:
-            probe.add(frac)
-        else:  # the activation found by registration order is not this layer's: measure the layer
-            probe.fallback = True
-
-
 def _add_probe_hooks(rec: _Layer, leaves: list[tuple[str, nn.Module]], index: int | None) -> None:
-    # Hooks are objects holding their probe, not closures: ``copy.deepcopy(model)`` then gives
-    # the copy hooks that feed the copy's probes (a closure would keep feeding the original's).
     channel_dim = -1 if isinstance(rec.module, nn.Linear) else 1
     if rec.mode == "out":
-        rec.hooks.append(rec.module.register_forward_pre_hook(_PreHook(rec.probe, channel_dim)))
+        rec.hooks.append(rec.module.register_forward_pre_hook(PreHook(rec.probe, channel_dim)))
         return
     weight_layers = (nn.modules.conv._ConvNd, nn.Linear)
     act = following_activation(leaves, index, weight_layers) if index is not None else None
     rec.probe.fallback = act is None
-    rec.hooks.append(rec.module.register_forward_hook(_LayerHook(rec.probe, channel_dim)))
+    rec.hooks.append(rec.module.register_forward_hook(LayerHook(rec.probe, channel_dim)))
     if act is not None:
-        rec.hooks.append(act[1].register_forward_hook(_ActHook(rec.probe, channel_dim)))
+        rec.hooks.append(act[1].register_forward_hook(ActHook(rec.probe, channel_dim)))

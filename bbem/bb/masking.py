@@ -76,3 +76,23 @@ def edge_scores(layer: nn.Module) -> Tensor:
     """``[C_out, C_in]``: sum of |W[o, i, ...]| of the unmasked weight (so pruned edges compete)."""
     w = original_weight(layer).detach()
     return w.abs().reshape(w.shape[0], w.shape[1], -1).sum(-1)
+
+
+def remove_mask(layer: nn.Module, bake: bool) -> None:
+    """Remove the mask's parametrization: ``bake`` leaves ``original * mask * scale`` as the
+    weight, otherwise the unmasked original."""
+    _own_class(layer)
+    torch.nn.utils.parametrize.remove_parametrizations(layer, "weight", leave_parametrized=bake)
+
+
+def _own_class(module: nn.Module) -> None:
+    """Give a parametrized module a class of its own before its parametrization is removed.
+
+    ``torch.nn.utils.parametrize`` keeps the ``weight`` property on a generated class, and
+    ``copy.deepcopy`` shares that class between a model and its copy; removal deletes the
+    property from the class, which would break the other model. A sibling class with the same
+    namespace keeps the removal local.
+    """
+    cls = type(module)
+    ns = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, ns)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -75,3 +76,51 @@ class Probe:
         self.sum.zero_()
         self.count = 0
         return out, n
+
+
+# The forward hooks that feed a Probe. They are objects holding their probe, not closures:
+# ``copy.deepcopy(model)`` then gives the copy hooks that feed the copy's probes (a closure
+# would keep feeding the original's).
+
+
+class PreHook:
+    """Fan-out probe: the layer's input channels are the units."""
+
+    def __init__(self, probe: Probe, channel_dim: int):
+        self.probe, self.channel_dim = probe, channel_dim
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if module.training:
+            frac = on_fraction(args[0], self.channel_dim)
+            if frac.numel() == self.probe.units:
+                self.probe.add(frac)
+
+
+class LayerHook:
+    """Fan-in probe at the layer's output: measures it (fallback), or arms the activation hook."""
+
+    def __init__(self, probe: Probe, channel_dim: int):
+        self.probe, self.channel_dim = probe, channel_dim
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+        if not module.training:
+            return
+        if self.probe.fallback:
+            self.probe.add(on_fraction(output, self.channel_dim))
+        else:
+            self.probe.pending = True
+
+
+class ActHook(LayerHook):
+    """Fan-in probe at the following activation, when the layer's hook armed it."""
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+        probe = self.probe
+        if not probe.pending:
+            return
+        probe.pending = False
+        frac = on_fraction(output, self.channel_dim)
+        if frac.numel() == probe.units:
+            probe.add(frac)
+        else:  # the activation found by registration order is not this layer's: measure the layer
+            probe.fallback = True
