@@ -303,7 +303,7 @@ def vocabulary(size: int, seed: int) -> list[str]:
 
 
 def _make_corpus(spec: Mapping[str, Any], path: Path, workers: int | None, progress: bool) -> None:
-    from rich.progress import Progress
+    from bbem.progress import progress_bar
 
     seed = int(spec["seed"])
     rng = np.random.default_rng(seed + 1)
@@ -328,7 +328,7 @@ def _make_corpus(spec: Mapping[str, Any], path: Path, workers: int | None, progr
     noise_seeds = rng.integers(0, 2**31, size=len(jobs))
     out: list[np.ndarray] = [np.zeros(0, np.float32)] * len(jobs)
     workers = int(workers or max(1, os.cpu_count() or 1) * 2)
-    with Progress(disable=not progress) as bar, ThreadPoolExecutor(workers) as ex:
+    with progress_bar(enabled=progress) as bar, ThreadPoolExecutor(workers) as ex:
         t = bar.add_task(f"espeak-ng: {len(jobs)} utterances", total=len(jobs))
         for i, x in enumerate(ex.map(lambda j: speak(*j), jobs)):
             out[i] = add_noise(x, snrs[i], np.random.default_rng(noise_seeds[i]))

@@ -19,8 +19,9 @@ Protocol (stated again in every result under ``"protocol"``):
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -443,22 +444,12 @@ def _scored(
     return s
 
 
-class _progress:
-    """A rich progress bar over sections when ``enabled``; a no-op otherwise."""
+@contextlib.contextmanager
+def _progress(enabled: bool, total: int, name: str) -> Iterator[Callable[[int], None]]:
+    """Advance a transient bar over sections (``bbem.progress``); drawing nothing when not
+    ``enabled``."""
+    from bbem.progress import progress_bar
 
-    def __init__(self, enabled: bool, total: int, name: str) -> None:
-        self.enabled, self.total, self.name = enabled, total, name
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda n: None
-        from rich.progress import Progress
-
-        self._p = Progress(transient=True)
-        self._p.start()
-        task = self._p.add_task(f"evaluating {self.name}", total=self.total)
-        return lambda n: self._p.advance(task, n)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            self._p.stop()
+    with progress_bar(enabled=enabled, transient=True) as bar:
+        task = bar.add_task(f"evaluating {name}", total=total)
+        yield lambda n: bar.advance(task, n)
