@@ -216,10 +216,10 @@ def test_existing_run_dir_is_refused(volumes, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_demo_config_learns(tmp_path):
+def test_demo_config_learns(tmp_path, monkeypatch):
     """The demo config: validation PR-AUC rises well above the cleft fraction."""
     root = Path(__file__).resolve().parents[1]
-    os.chdir(root)
+    monkeypatch.chdir(root)  # the config's data paths are relative to the repository
     cfg = load_config(root / "configs/demo.yaml")
     result = train(cfg, run_dir=tmp_path / "demo", progress=False)
     rows = _rows(tmp_path / "demo/metrics.csv")
