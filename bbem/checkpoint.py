@@ -108,3 +108,19 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(data, dict) or data.get("format") not in (CHECKPOINT_FORMAT, EXPORT_FORMAT):
         raise UserError(f"{p} is not a bbem checkpoint or export (no bbem format tag)")
     return data
+
+
+def misfit(last: Path, run: Path, saved: Mapping[str, Any], now: Mapping[str, Any]) -> str:
+    """Why ``last.pt`` cannot be loaded into the model ``config.yaml`` describes, and the fix."""
+
+    def changed(section: str) -> list[str]:
+        a, b = saved.get(section) or {}, now.get(section) or {}
+        return [f"{section}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+    # the model and BB shape the weights; an optimiser change (a new lr) alone is a legal resume
+    diff = changed("model") + changed("bb") or changed("optim")
+    what = f" ({', '.join(diff)} changed since it was written)" if diff else ""
+    return (
+        f"checkpoint {last} does not fit the model config in {run / 'config.yaml'}{what}: restore "
+        "the settings the run was trained with, or train a new run with another --run-dir"
+    )

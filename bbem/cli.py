@@ -34,10 +34,13 @@ def _zyx_float(text: str) -> tuple[float, float, float]:
     return v
 
 
-def _train(a: argparse.Namespace) -> None:
-    from bbem.train import train_from_cli
+def _train(a: argparse.Namespace) -> int | None:
+    from bbem.train import launch_from_cli, train_from_cli
 
+    if a.nproc is not None:
+        return launch_from_cli(a.nproc, a.config, a.set, run_dir=a.run_dir, resume=a.resume)
     train_from_cli(config=a.config, overrides=a.set, run_dir=a.run_dir, resume=a.resume)
+    return None
 
 
 def _infer(a: argparse.Namespace) -> None:
@@ -111,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def cmd(
-        name: str, fn: Callable[[argparse.Namespace], None], help: str
+        name: str, fn: Callable[[argparse.Namespace], int | None], help: str
     ) -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help, description=help)
         s.set_defaults(func=fn)
@@ -128,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--run-dir", help="where the run goes (default runs/<config>-<time>)")
     s.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    s.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="train on N processes of this machine (DDP, one per GPU; gloo on the CPU): runs "
+        "this command under torchrun; the batch per step is N x data.batch_size",
+    )
 
     s = cmd("infer", _infer, "predict cleft probabilities over a volume of any size")
     s.add_argument("checkpoint")
@@ -232,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        code = args.func(args)
     except UserError as e:
         # one line, even when the message quotes a library's multi-line exception
         print(f"bbem {args.command}: error: {one_line(e)}", file=sys.stderr)
@@ -240,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"bbem {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return int(code or 0)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ evaluation; :func:`fit` owns everything else, with one rule for each idea:
   rows and weights as one that never stopped.
 - **threads**: ``train.threads`` (or every core) while training; the caller's count after,
   whether training returns or raises.
+- **several processes** (torchrun, DDP): rank 0 writes and validates, rank ``r`` draws the stream
+  ``stream_seed(train.seed, step, r)``; see :mod:`bbem.distributed`.
 
 Knows nothing of EM: imports torch, :mod:`bbem.bb` and the generic run-directory, checkpoint
 and progress helpers only.
@@ -33,7 +35,6 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -41,8 +42,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from bbem import distributed as ddp
 from bbem.bb import BBConfig, BudgetedBroadcast, attach_bb
-from bbem.checkpoint import load_checkpoint, save_checkpoint
+from bbem.checkpoint import load_checkpoint, misfit, save_checkpoint
 from bbem.errors import UserError
 from bbem.progress import progress_bar
 from bbem.rundir import RunDir, bb_summary_columns
@@ -176,9 +178,9 @@ def pick_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-def stream_seed(seed: int, step: int) -> int:
-    """The seed of the batch stream that starts at checkpoint ``step``."""
-    return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
+def stream_seed(seed: int, step: int, rank: int = 0) -> int:
+    """The seed of the batch stream that starts at checkpoint ``step`` (on process ``rank``)."""
+    return int(np.random.SeedSequence([seed, step, *([rank] if rank else [])]).generate_state(1)[0])
 
 
 def seed_all(seed: int) -> None:
@@ -257,16 +259,16 @@ def fit(
     Returns the last metrics row plus ``run_dir``, ``best_score`` and ``best_step``.
     """
     settings = Settings.from_config(config)
-    device = pick_device(settings.device)
+    group, device = ddp.join(pick_device(settings.device))  # one process: (rank 0 of 1, device)
     threads = torch.get_num_threads()
-    rd = RunDir.open(run_dir) if resume else RunDir.create(run_dir, config)
     try:
-        with rd:
+        with ddp.open_run_dir(group, run_dir, resume, config) as rd:
             # an explicit count, also for None, so a resumed process computes like the first
-            torch.set_num_threads(int(settings.threads or os.cpu_count() or 1))
+            torch.set_num_threads(int(settings.threads or ddp.cores(group)))
             return _Run(task, settings, config, rd, device).run(resume, progress)
     finally:
         torch.set_num_threads(threads)
+        ddp.leave()
 
 
 class _Run:
@@ -276,9 +278,13 @@ class _Run:
         self, task: Task, s: Settings, config: Mapping[str, Any], rd: RunDir, device: torch.device
     ):
         self.task, self.s, self.config, self.rd, self.device = task, s, dict(config), rd, device
+        g = self.group = ddp.from_env()  # rank 0 of 1 on one process
         seed_all(s.seed)
         self.model = task.build_model().to(device)
         self.bb = attach_from_config(self.model, config.get("bb"), task.bb_layers, task.bb_modes)
+        if g.rank:  # the same initial weights everywhere, then each rank its own draws
+            seed_all(stream_seed(s.seed, 0, g.rank))
+        self.net = ddp.wrap(g, self.model, device)  # what the loss runs: DDP on several
         self.opt = OPTIMIZERS[s.optimizer](
             self.model.parameters(), lr=s.lr, weight_decay=s.weight_decay
         )
@@ -321,11 +327,12 @@ class _Run:
         except (RuntimeError, ValueError, KeyError, TypeError):
             # torch lists every mismatched tensor (dozens of lines): say what differs instead
             raise UserError(
-                _misfit(last, self.rd.path, ck.get("config") or {}, self.config)
+                misfit(last, self.rd.path, ck.get("config") or {}, self.config)
             ) from None
         self.step = int(ck["step"])
-        if ck.get("rng") is not None:
-            set_rng_state(ck["rng"])
+        rng = ddp.own_rng(self.group, ck, last)  # this rank's states, from the same last.pt
+        if rng is not None:
+            set_rng_state(rng)
         else:  # written before RNG states were saved: those runs reseeded here
             seed_all(stream_seed(self.s.seed, self.step))
         self.best, self.best_step = _saved_best(ck, self.task.higher_is_better), ck.get("best_step")
@@ -334,10 +341,13 @@ class _Run:
         self.window = list(ck.get("pending_log", []))
         self.details = dict(ck.get("metrics") or {})
 
-    def checkpoint(self, name: str) -> None:
+    def checkpoint(self, name: str, ranks: list[Any] | None = None) -> None:
+        """Rank 0 writes ``name``.pt; ``last`` holds every rank's RNG states (``ranks``)."""
+        extra = {"world_size": self.group.size, "rng_ranks": ranks} if self.group.on else {}
         save_checkpoint(
             self.rd.checkpoint_path(name),
             {
+                **extra,
                 "task": self.task.name,
                 "step": self.step,
                 "config": self.config,
@@ -366,8 +376,8 @@ class _Run:
         batch = to_device(batch, self.device)
         self.opt.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, enabled=self.amp):
-            loss = self.task.loss(self.model, batch)
-        value = loss.item()
+            loss = self.task.loss(self.net, batch)
+        value = ddp.mean(self.group, loss)  # every rank stops together on a non-finite loss
         if not math.isfinite(value):
             raise UserError(
                 f"{self.task.name}: training diverged at step {self.step + 1} (loss {value}): "
@@ -387,6 +397,9 @@ class _Run:
 
     def evaluate(self, density: float) -> None:
         """A metrics row, the bb.csv rows, and ``best.pt`` when the score improved."""
+        if not self.group.main:  # rank 0 validates and reports; the others forget their losses
+            self.losses = []
+            return
         self.model.eval()
         try:
             with torch.no_grad():
@@ -427,9 +440,10 @@ class _Run:
             rd.log.info("resumed at step %d", self.step)
         rd.log.info("training %s on %s: %d steps", task.name, self.device, s.steps)
         self.t0 = time.perf_counter() - self.elapsed0
-        with progress_bar("{task.fields[info]}", enabled=progress) as bar:
+        rank = self.group.rank
+        with progress_bar("{task.fields[info]}", enabled=progress and self.group.main) as bar:
             bar_task = bar.add_task(task.name, total=s.steps, completed=self.step, info="")
-            batches = task.batches(self.step, stream_seed(s.seed, self.step))
+            batches = task.batches(self.step, stream_seed(s.seed, self.step, rank))
             self.model.train()
             while self.step < s.steps:
                 value = self.train_step(next(batches))
@@ -454,11 +468,13 @@ class _Run:
                 info = f"loss {value:.4f} density {density:.3f} {task.score_name} {shown}"
                 bar.update(bar_task, completed=step, info=info)
                 if step % s.checkpoint_every == 0 or step == s.steps:
-                    self.checkpoint("last")
+                    ranks = ddp.gather(self.group, rng_state())
+                    if self.group.main:
+                        self.checkpoint("last", ranks)
                     # a run resumed from this checkpoint draws this same stream
-                    batches = task.batches(step, stream_seed(s.seed, step))
+                    batches = task.batches(step, stream_seed(s.seed, step, rank))
         out = {**self.row, "run_dir": str(rd.path), "best_score": self.best}
-        out["best_step"] = self.best_step
+        out = ddp.broadcast(self.group, {**out, "best_step": self.best_step})
         rd.log.info("finished: %s", out)
         return out
 
@@ -476,19 +492,3 @@ def _saved_best(ck: Mapping[str, Any], higher: bool) -> float | None:
         return None if math.isinf(v) else (-v if higher else v)
     v = ck.get("best_score", ck.get("best"))
     return None if v is None else float(v)
-
-
-def _misfit(last: Path, run: Path, saved: Mapping[str, Any], now: Mapping[str, Any]) -> str:
-    """Why ``last.pt`` cannot be loaded into the model ``config.yaml`` describes, and the fix."""
-
-    def changed(section: str) -> list[str]:
-        a, b = saved.get(section) or {}, now.get(section) or {}
-        return [f"{section}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-
-    # the model and BB shape the weights; an optimiser change (a new lr) alone is a legal resume
-    diff = changed("model") + changed("bb") or changed("optim")
-    what = f" ({', '.join(diff)} changed since it was written)" if diff else ""
-    return (
-        f"checkpoint {last} does not fit the model config in {run / 'config.yaml'}{what}: restore "
-        "the settings the run was trained with, or train a new run with another --run-dir"
-    )

@@ -68,17 +68,7 @@ class RunDir:
 
     @classmethod
     def create(cls, path: str | os.PathLike, config: Mapping[str, Any]) -> RunDir:
-        p = Path(path)
-        if p.exists() and not p.is_dir():
-            raise UserError(f"run directory {p} is a file: choose another --run-dir")
-        if p.exists() and any(p.iterdir()):
-            raise UserError(
-                f"run directory {p} exists and is not empty: choose another --run-dir or resume it with --resume {p}"
-            )
-        try:
-            check_writable(p)  # names the file in the way, or the read-only folder, at once
-        except UserError as e:
-            raise UserError(f"{e}: choose another --run-dir") from None
+        p = cls.check_new(path)
         existed = p.exists()
         try:
             p.mkdir(parents=True, exist_ok=True)
@@ -96,6 +86,23 @@ class RunDir:
             rd.__exit__(*sys.exc_info())  # removes what was made; an OSError becomes a UserError
             raise
         return rd
+
+    @staticmethod
+    def check_new(path: str | os.PathLike) -> Path:
+        """A UserError unless a new run can go to ``path`` (absent, or an empty folder we may
+        write); writes nothing."""
+        p = Path(path)
+        if p.exists() and not p.is_dir():
+            raise UserError(f"run directory {p} is a file: choose another --run-dir")
+        if p.exists() and any(p.iterdir()):
+            raise UserError(
+                f"run directory {p} exists and is not empty: choose another --run-dir or resume it with --resume {p}"
+            )
+        try:
+            check_writable(p)  # names the file in the way, or the read-only folder, at once
+        except UserError as e:
+            raise UserError(f"{e}: choose another --run-dir") from None
+        return p
 
     @classmethod
     def open(cls, path: str | os.PathLike, lock: bool = True) -> RunDir:

@@ -17,12 +17,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from bbem import distributed as ddp
 from bbem.atomic import check_not_input
 from bbem.config import RunConfig, load_config
 from bbem.configfile import default_run_dir, resolve_cli
-from bbem.engine import Evaluation, Task, fit
+from bbem.engine import Evaluation, Task, fit, pick_device
 from bbem.errors import UserError
 from bbem.model import BB_LAYERS, build_model
+from bbem.rundir import RunDir
 
 #: Validation numbers written to metrics.csv (as ``val_<name>``).
 VAL_COLUMNS = (
@@ -131,10 +133,17 @@ def train(
 ) -> dict[str, Any]:
     """Train a cleft detector in ``run_dir`` (default ``runs/<name>-<time>``), or continue the
     run in ``resume``; returns the final row of ``metrics.csv`` plus ``run_dir``,
-    ``best_pr_auc`` (= ``best_score``) and ``best_step``."""
+    ``best_pr_auc`` (= ``best_score``) and ``best_step``.
+
+    Under torchrun each process calls this with the same arguments (see
+    :mod:`bbem.distributed`): rank 0 makes missing synthetic volumes before the others look."""
     from bbem.data import ensure_volumes
 
-    ensure_volumes(cfg)  # names a missing volume, makes a missing synthetic one
+    group = ddp.from_env()
+    if group.on:  # join now, so that rank 0 makes the volumes before the others read them
+        ddp.join(pick_device(cfg.train.device))
+    with ddp.main_first(group):
+        ensure_volumes(cfg)  # names a missing volume, makes a missing synthetic one
     if resume is not None:
         path = Path(resume)
     else:
@@ -157,8 +166,38 @@ def train_from_cli(
         "train", "configs/demo.yaml", config, list(overrides), resume, load_config
     )
     result = train(cfg, resume=resumed) if resumed else train(cfg, run_dir=run_dir)
-    _print_result(result)
+    if ddp.from_env().main:
+        _print_result(result)
     return result
+
+
+def launch_from_cli(
+    nproc: int,
+    config: str | None,
+    overrides: Iterable[str] = (),
+    run_dir: str | None = None,
+    resume: str | None = None,
+) -> int:
+    """``bbem train ... --nproc N``: check the config and volumes here (a mistake is one line,
+    not one per process), then run the same command on N processes under torchrun (``--nproc
+    1``: in this process). The exit status."""
+    from bbem.config import resolve_volumes
+
+    overrides = list(overrides)
+    cfg, _ = resolve_cli("train", "configs/demo.yaml", config, overrides, resume, load_config)
+    ddp.check_launch(nproc, cfg.train.device)
+    if nproc == 1:
+        train_from_cli(config, overrides, run_dir, resume)
+        return 0
+    argv = ["train", *([config] if config else []), *(a for o in overrides for a in ("--set", o))]
+    argv += [
+        *(["--run-dir", run_dir] if run_dir else []),
+        *(["--resume", resume] if resume else []),
+    ]
+    resolve_volumes(cfg)  # names a missing volume; rank 0 makes a missing synthetic one
+    if run_dir and not resume:
+        RunDir.check_new(run_dir)  # an existing run, a file in the way
+    return ddp.launch(nproc, argv)
 
 
 def _print_result(row: dict[str, Any]) -> None:
