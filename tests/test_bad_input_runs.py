@@ -18,7 +18,8 @@ import pytest
 import yaml
 from conftest import assert_user_error, run_bbem, tree_digest
 from test_infer import _raw, _write
-from test_train import _config, _volume
+from test_train import _config
+from tiny_em import tiny_volume
 
 #: demo-like strides (downsampling 2,8,8): a 2x8x8 volume reaches the bottleneck as one voxel
 MODEL = {"channels": [4, 4, 8, 8], "strides": [[1, 2, 2], [1, 2, 2], [2, 2, 2]], "num_res_units": 0}
@@ -32,8 +33,8 @@ def d(tmp_path_factory) -> SimpleNamespace:
     from bbem.train import train
 
     root = tmp_path_factory.mktemp("bad")
-    _volume(root / "train.zarr", 1)
-    _volume(root / "val.zarr", 2)
+    tiny_volume(root / "train.zarr", 1)
+    tiny_volume(root / "val.zarr", 2)
     cfg = yaml.safe_load(_config(root, root).read_text())
     cfg["model"] = MODEL
     cfg["data"]["batch_size"] = 1

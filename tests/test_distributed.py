@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import yaml
-from test_train import _volume
+from tiny_em import tiny_config, tiny_volume
 
 from bbem import distributed as ddp
 from bbem.cli import main as cli_main
@@ -35,38 +34,14 @@ SITE = Path(__file__).resolve().parent / "ddp_site"
 @pytest.fixture(scope="module")
 def volumes(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("vols")
-    _volume(d / "train.zarr", 1)
-    _volume(d / "val.zarr", 2)
+    tiny_volume(d / "train.zarr", 1)
+    tiny_volume(d / "val.zarr", 2)
     return d
 
 
-def _config(volumes: Path, path: Path, **sections) -> Path:
-    cfg = {
-        "name": "tiny",
-        "data": {
-            "root": str(volumes),
-            "train": [{"path": "train.zarr"}],
-            "val": [{"path": "val.zarr"}],
-            "patch_size": [4, 32, 32],
-            "batch_size": 2,
-        },
-        "model": {"channels": [4, 8, 16], "strides": [[1, 2, 2], [2, 2, 2]], "num_res_units": 1},
-        "bb": {"method": "bb", "mode": "in", "density": 0.5, "refresh_every": 2},
-        "augment": {"elastic": 0.0},
-        "optim": {"lr": 3e-3, "warmup_steps": 2},
-        "train": {
-            "steps": 6,
-            "eval_every": 3,
-            "checkpoint_every": 2,
-            "log_every": 1,
-            "seed": 0,
-            "device": "cpu",
-        },
-    }
-    for name, values in sections.items():
-        cfg[name] = {**cfg.get(name, {}), **values}
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+def _config(volumes: Path, path: Path, **sections: dict) -> Path:
+    bb = {"method": "bb", "mode": "in", "density": 0.5, "refresh_every": 2}
+    return tiny_config(volumes, path, bb=bb, **sections)
 
 
 def _run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:

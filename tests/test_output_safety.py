@@ -249,12 +249,13 @@ def test_convert_and_synth_take_the_lock(tmp_path, files, command):
 
 def test_train_run_dir_is_locked(tmp_path):
     import yaml
-    from test_train import _config, _volume
+    from test_train import _config
+    from tiny_em import tiny_volume
 
     from bbem.rundir import RunDir
 
-    _volume(tmp_path / "train.zarr", 1)
-    _volume(tmp_path / "val.zarr", 2)
+    tiny_volume(tmp_path / "train.zarr", 1)
+    tiny_volume(tmp_path / "val.zarr", 2)
     cfg = yaml.safe_load(_config(tmp_path, tmp_path).read_text())
     run = tmp_path / "run"
     with RunDir.create(run, cfg):

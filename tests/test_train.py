@@ -9,70 +9,30 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
-import yaml
+from tiny_em import tiny_config, tiny_volume
 
 from bbem.cli import main as cli_main
 from bbem.config import load_config
 from bbem.data import load_val_volumes
 from bbem.model import load_inference_model
 from bbem.train import train, validate
-from bbem.volumes import write_volumes
-
-
-def _volume(path: Path, seed: int, shape=(8, 48, 48)) -> Path:
-    rng = np.random.default_rng(seed)
-    raw = rng.normal(128, 20, size=shape)
-    clefts = np.zeros(shape, np.uint64)
-    for i in range(3):
-        y, x = rng.integers(8, shape[1] - 8, size=2)
-        clefts[1:-1, y : y + 2, x - 5 : x + 5] = i + 1
-    raw[clefts > 0] -= 60  # a dark sheet: learnable in a few steps
-    write_volumes(
-        path,
-        {"volumes/raw": np.clip(raw, 0, 255).astype(np.uint8), "volumes/labels/clefts": clefts},
-        voxel_size=(40, 4, 4),
-    )
-    return path
 
 
 @pytest.fixture(scope="module")
 def volumes(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("vols")
-    _volume(d / "train.zarr", 1)
-    _volume(d / "val.zarr", 2)
+    tiny_volume(d / "train.zarr", 1)
+    tiny_volume(d / "val.zarr", 2)
     return d
 
 
-def _config(volumes: Path, tmp: Path, **bb) -> Path:
-    cfg = {
-        "name": "tiny",
-        "data": {
-            "root": str(volumes),
-            "train": [{"path": "train.zarr"}],
-            "val": [{"path": "val.zarr"}],
-            "patch_size": [4, 32, 32],
-            "batch_size": 2,
-        },
-        "model": {"channels": [4, 8, 16], "strides": [[1, 2, 2], [2, 2, 2]], "num_res_units": 1},
-        "bb": bb or {"method": "dense"},
-        "augment": {"elastic": 0.0},
-        "optim": {"lr": 3e-3, "warmup_steps": 2},
-        "train": {
-            "steps": 6,
-            "eval_every": 3,
-            "checkpoint_every": 2,
-            "log_every": 1,
-            "seed": 0,
-            "device": "cpu",
-        },
-    }
-    path = tmp / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+def _config(volumes: Path, tmp: Path, **bb: Any) -> Path:
+    return tiny_config(volumes, tmp / "tiny.yaml", bb=bb)
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
