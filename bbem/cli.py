@@ -173,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=100,
         help="labels: remove objects smaller than this many voxels (0 keeps all; default 100)",
     )
+    s.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where the model runs (auto: CUDA where visible, else the CPU)",
+    )
     g = s.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="finish an interrupted run")
     g.add_argument("--overwrite", action="store_true", help="replace an existing output")

@@ -169,10 +169,13 @@ def lr_factor(
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
-def pick_device(choice: str) -> torch.device:
-    """``auto`` is CUDA where visible, else the CPU; ``cuda`` without a GPU is a UserError."""
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device is 'cuda' but no CUDA device is visible: use auto or cpu")
+def pick_device(choice: str, what: str = "train.device") -> torch.device:
+    """``auto`` is CUDA where visible, else the CPU; ``cuda`` without a GPU is a UserError
+    naming the setting (``what``)."""
+    if choice.split(":")[0] not in ("auto", "cpu", "cuda"):
+        raise UserError(f"{what} must be auto, cpu or cuda, got {choice!r}")
+    if choice.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"{what} is {choice!r} but no CUDA device is visible: use auto or cpu")
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(choice)

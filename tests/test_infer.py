@@ -515,8 +515,21 @@ def test_bad_inputs(export: Path, raw, tmp_path: Path):
         predict_volume(export, path, out, workers=0, progress=False)
     with pytest.raises(UserError, match="halo"):
         predict_volume(export, path, out, halo=(4, 4, 4), progress=False)
+    with pytest.raises(UserError, match="--device must be auto, cpu or cuda"):
+        predict_volume(export, path, out, device="gpu", progress=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="--device is 'cuda' but no CUDA device"):
+            predict_volume(export, path, out, device="cuda", progress=False)
     assert not out.exists()
     assert not (tmp_path / "x.zarr.partial").exists()
+
+
+def test_device_cpu_is_what_auto_gives_here(export: Path, raw, tmp_path: Path):
+    path, _ = raw
+    a = predict_volume(export, path, tmp_path / "a.zarr", device="cpu", progress=False)
+    b = predict_volume(export, path, tmp_path / "b.zarr", device="auto", progress=False)
+    if not torch.cuda.is_available():
+        np.testing.assert_array_equal(open_volume(a.output)[:], open_volume(b.output)[:])
 
 
 def test_cli_reports_user_errors(export: Path, raw, tmp_path: Path, capsys):

@@ -104,6 +104,7 @@ def predict_volume(
     scheduler: str = "threads",
     workers: int = 2,
     on_existing: OnExisting = "refuse",
+    device: str = "auto",
     progress: bool = True,
 ) -> InferStats:
     """Predict cleft probabilities over ``input`` (z, y, x) block by block into ``output``.
@@ -124,9 +125,11 @@ def predict_volume(
     on a finished output made with the same arguments). ``progress``: a progress bar and a
     summary line on stdout.
     """
+    from bbem.engine import pick_device
     from bbem.model import load_inference_model
 
     store.check_on_existing(on_existing)
+    dev = str(pick_device(device, what="--device"))
     check_scheduler(scheduler)
     if int(workers) < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
@@ -141,7 +144,7 @@ def predict_volume(
         ckpt: str | None
         if isinstance(checkpoint_or_model, (str, os.PathLike)):  # is_path
             ckpt = str(Path(checkpoint_or_model).absolute())
-            model, info = load_inference_model(ckpt)
+            model, info = load_inference_model(ckpt, device=dev)
             factor = model_factor(model, info["model_config"])
             if roi_size is None:
                 roi_size = ((info.get("config") or {}).get("data") or {}).get("patch_size")
@@ -197,6 +200,7 @@ def predict_volume(
                     plan=plan,
                     tta=tta,
                     threshold=t,
+                    device=dev,
                 )
                 done = set(plan.blocks()) if complete else store.done_blocks(work)
                 todo = [i for i in plan.blocks() if i not in done]
@@ -251,4 +255,5 @@ def infer_from_cli(args: argparse.Namespace) -> InferStats:
         scheduler=args.scheduler,
         workers=args.workers,
         on_existing=on_existing,
+        device=args.device,
     )

@@ -30,6 +30,7 @@ class BlockJob:
     plan: Plan
     tta: bool
     threshold: float | None
+    device: str = "cpu"  # where a worker that loads the checkpoint runs it
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class BlockResources:
                 return self._model, False
             from bbem.model import load_inference_model
 
-            self._model, _ = load_inference_model(self._model_ref)
+            self._model, _ = load_inference_model(self._model_ref, device=self.job.device)
             self.model_loads += 1
             return self._model, True
 
