@@ -103,6 +103,8 @@ def test_reader_synth_zarr(synth_zarr, volume):
     for data, kw, _ in layers:
         assert kw["scale"] == VS
         assert kw["translate"] == (80, 8, 4)
+        assert kw["units"] == ("nm", "nm", "nm")
+        assert kw["axis_labels"] == ("z", "y", "x")
         assert type(data).__module__.startswith("dask")  # lazy
     raw, clefts = layers[0][0], layers[2][0]
     np.testing.assert_array_equal(raw.compute(), volume["raw"])
@@ -341,6 +343,11 @@ def test_viewer_opens_with_plugin(gl_display, make_napari_viewer, synth_zarr, sh
     ]
     np.testing.assert_allclose(viewer.layers["raw"].scale, VS)
     np.testing.assert_allclose(viewer.layers["clefts"].translate, (80, 8, 4))
+    # a bbem volume is z, y, x in nm, and the viewer's sliders say so
+    assert tuple(viewer.dims.axis_labels) == ("z", "y", "x")
+    for layer in viewer.layers:
+        assert [str(u) for u in layer.units] == ["nanometer"] * 3
+        assert tuple(layer.axis_labels) == ("z", "y", "x")
     _save(viewer.screenshot(canvas_only=False), shots / "napari_reader.png")
 
 
@@ -364,6 +371,9 @@ def test_predictions_widget(
     assert prob.colormap.name == "magma"
     assert prob.blending == "additive"
     np.testing.assert_allclose(prob.scale, VS)
+    for layer in (prob, viewer.layers["raw clefts"]):
+        assert [str(u) for u in layer.units] == ["nanometer"] * 3
+        assert tuple(layer.axis_labels) == ("z", "y", "x")
     np.testing.assert_array_equal(prob.data, predict_array(tiny_export, volume["raw"]))
     # the slider re-thresholds the same prediction
     widget.threshold.value = 0.0

@@ -23,6 +23,7 @@ from magicgui.widgets import (
 from bbem.errors import UserError
 from napari_bbem.onrates import OnRates, plot_layer_step, read_on_rates
 from napari_bbem.predict import best_threshold, predict_array, threshold_clefts
+from napari_bbem.reader import geometry
 
 if TYPE_CHECKING:
     import napari
@@ -116,7 +117,7 @@ class PredictionsWidget(Container):
             with self.threshold.changed.blocked():
                 self.threshold.value = round(threshold, 2)
         name = f"{source.name} cleft probability"
-        geometry = {"scale": source.scale, "translate": source.translate}
+        where = geometry(source.scale, source.translate)
         if name in self.viewer.layers:
             self.prob_layer = self.viewer.layers[name]
             self.prob_layer.data = prob
@@ -129,7 +130,7 @@ class PredictionsWidget(Container):
                 contrast_limits=(0, 255),
                 opacity=0.8,
                 metadata={"bbem_kind": "probability"},
-                **geometry,
+                **where,
             )
         self._show_clefts(source=source)
 
@@ -146,7 +147,7 @@ class PredictionsWidget(Container):
         else:
             ref = source if source is not None else self.prob_layer
             self.clefts_layer = self.viewer.add_labels(
-                clefts, name=name, scale=ref.scale, translate=ref.translate, opacity=0.6
+                clefts, name=name, opacity=0.6, **geometry(ref.scale, ref.translate)
             )
         self.status.value = (
             f"{n} cleft{'' if n == 1 else 's'} at p >= {self.threshold.value:.2f} "

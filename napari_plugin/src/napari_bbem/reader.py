@@ -2,8 +2,9 @@
 
 Plain functions (no Qt): :func:`volume_keys` lists the 3D volumes of a zarr / OME-Zarr / CREMI
 hdf5 container, :func:`read_bbem` turns each into a napari ``LayerDataTuple``
-``(dask array [Z, Y, X], kwargs, "image" | "labels")`` with scale = voxel size (nm) and
-translate = offset (nm), read lazily through :func:`bbem.volumes.open_volume`.
+``(dask array [Z, Y, X], kwargs, "image" | "labels")`` with scale = voxel size (nm),
+translate = offset (nm), units nm and axis labels z, y, x (:func:`geometry`), read lazily
+through :func:`bbem.volumes.open_volume`.
 
 How a dataset is shown:
 
@@ -32,6 +33,19 @@ LABEL_NAMES = ("clefts", "neuron_ids", "labels", "segmentation", "mask")
 ZARR_METADATA = ("zarr.json", ".zgroup", ".zarray")
 
 LayerData = tuple[Any, dict[str, Any], str]
+#: The axes of every bbem volume, and their unit (voxel sizes and offsets are in nm).
+AXES = ("z", "y", "x")
+UNITS = ("nm", "nm", "nm")
+
+
+def geometry(scale: Any, translate: Any) -> dict[str, Any]:
+    """Layer keywords placing a ``[Z, Y, X]`` volume: scale and translate in nm, units, axes."""
+    return {
+        "scale": tuple(float(s) for s in scale),
+        "translate": tuple(float(t) for t in translate),
+        "units": UNITS,
+        "axis_labels": AXES,
+    }
 
 
 def is_bbem_path(path: str | os.PathLike) -> bool:
@@ -70,8 +84,7 @@ def read_bbem(path: str | os.PathLike) -> list[LayerData]:
         name = _layer_name(p, key)
         kwargs: dict[str, Any] = {
             "name": name,
-            "scale": tuple(vol.voxel_size),
-            "translate": tuple(vol.offset),
+            **geometry(vol.voxel_size, vol.offset),
             "metadata": {"bbem_path": str(p), "bbem_key": key, "bbem_kind": kind},
         }
         if len(data) > 1:
