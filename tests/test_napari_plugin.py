@@ -395,14 +395,47 @@ def test_predictions_widget_reports_errors(gl_display, make_napari_viewer, qtbot
     assert widget.start() is None
     assert "open a volume" in widget.status.value
     viewer.add_image(np.zeros((32, 32), np.uint8), name="section")
+    assert widget.start() is None  # a 2D section is not offered
+    assert "open a volume" in widget.status.value
+    viewer.add_image(np.zeros((4, 32, 32), np.uint8), name="stack")
     bad = tmp_path / "bad.pt"
     torch.save({"weights": 1}, bad)
     widget.checkpoint.value = bad
     assert widget.start() is not None
     qtbot.waitUntil(lambda: widget.status.value.startswith("failed:"), timeout=30_000)
     assert widget.status.value.startswith("failed:")
-    assert "3D volume" in widget.status.value
-    assert len(viewer.layers) == 1
+    assert len(viewer.layers) == 2
+
+
+def test_predictions_widget_offers_raw_volumes(gl_display, make_napari_viewer, monkeypatch):
+    import napari_bbem._widgets as widgets
+
+    warnings: list[str] = []
+    monkeypatch.setattr(widgets, "show_warning", warnings.append)
+    viewer = make_napari_viewer()
+    widget = widgets.PredictionsWidget(viewer)
+    viewer.add_image(np.zeros((4, 16, 16), np.uint8), name="raw")
+    viewer.add_image(np.zeros((4, 16, 16, 3), np.uint8), name="rgb", rgb=True)
+    viewer.add_image(np.zeros((16, 16), np.uint8), name="section")
+    viewer.add_image(np.zeros((2, 4, 16, 16), np.uint8), name="channels")
+    viewer.add_image(np.zeros((4, 16, 16), np.uint8), name="raw probability")
+    viewer.add_image(np.linspace(0, 255, 4 * 16 * 16).reshape(4, 16, 16), name="unscaled")
+    viewer.add_image(np.linspace(0, 1, 4 * 16 * 16).reshape(4, 16, 16), name="scaled")
+    assert [name for name, _ in widget._image_layers()] == ["raw", "unscaled", "scaled"]
+    assert [c for c in widget.image.choices] == [
+        viewer.layers[n] for n in ("raw", "unscaled", "scaled")
+    ]
+    # float raw far outside [0, 1] is warned about before predicting (the checkpoint is missing:
+    # start stops right after the check)
+    for name in ("raw", "scaled"):
+        widget.image.value = viewer.layers[name]
+        widget.start()
+    assert warnings == []
+    widget.image.value = viewer.layers["unscaled"]
+    widget.start()
+    [message] = warnings
+    assert "'unscaled' is float64 with values in [0, 255]" in message
+    assert "uint8 / uint16 raw EM, or float already normalised to [0, 1]" in message
 
 
 def test_on_rates_widget(gl_display, make_napari_viewer, qtbot, run_dir, tmp_path, shots):

@@ -19,10 +19,16 @@ from magicgui.widgets import (
     PushButton,
     Slider,
 )
+from napari.utils.notifications import show_warning
 
 from bbem.errors import UserError
 from napari_bbem.onrates import OnRates, plot_layer_step, read_on_rates
-from napari_bbem.predict import best_threshold, predict_array, threshold_clefts
+from napari_bbem.predict import (
+    best_threshold,
+    predict_array,
+    raw_range_warning,
+    threshold_clefts,
+)
 from napari_bbem.reader import geometry
 
 if TYPE_CHECKING:
@@ -37,6 +43,19 @@ def _message(e: BaseException) -> str:
 def _predict_job(checkpoint: str, data: Any, tta: bool) -> tuple[np.ndarray, float | None]:
     """What the worker thread runs: probabilities and the checkpoint's suggested threshold."""
     return predict_array(checkpoint, data, tta=tta), best_threshold(checkpoint)
+
+
+def is_raw_volume(layer: Any) -> bool:
+    """A single-channel 3D image layer that is not a probability map (RGB, 2D, 4D are not)."""
+    from napari.layers import Image
+
+    return (
+        isinstance(layer, Image)
+        and not layer.rgb
+        and layer.ndim == 3
+        and layer.metadata.get("bbem_kind") != "probability"
+        and not layer.name.endswith(" probability")
+    )
 
 
 class PredictionsWidget(Container):
@@ -70,15 +89,8 @@ class PredictionsWidget(Container):
             event.connect(self.reset_choices)
 
     def _image_layers(self, _widget: Any = None) -> list[tuple[str, Any]]:
-        from napari.layers import Image
-
-        return [
-            (layer.name, layer)
-            for layer in self.viewer.layers
-            if isinstance(layer, Image)
-            and layer.metadata.get("bbem_kind") != "probability"
-            and not layer.name.endswith(" cleft probability")
-        ]
+        """Image layers the model can run on: 3D (z, y, x), one channel, not a prediction."""
+        return [(layer.name, layer) for layer in self.viewer.layers if is_raw_volume(layer)]
 
     def start(self) -> Any:
         """Predict in a worker thread (the viewer stays responsive); returns the worker."""
@@ -89,10 +101,13 @@ class PredictionsWidget(Container):
         if layer is None:
             self.status.value = "no image layer: open a volume first"
             return None
+        data = layer.data[0] if layer.multiscale else layer.data
+        warning = raw_range_warning(data, f"layer {layer.name!r}")
+        if warning:  # predict anyway: the user may know better, but not unwarned
+            show_warning(warning)
         if not isinstance(ckpt, Path) or not ckpt.is_file():
             self.status.value = "choose a checkpoint file (.pt)"
             return None
-        data = layer.data[0] if layer.multiscale else layer.data
         self.run.enabled = False
         self.status.value = f"predicting {layer.name} {tuple(data.shape)}..."
         # our own "errored" handler: the message goes to the status line, not a traceback

@@ -19,6 +19,8 @@ from bbem.errors import UserError
 
 #: Largest volume predicted in the viewer (voxels); float32 input and output take 8 bytes each.
 MAX_VOXELS = 2**27
+#: How far float raw may stray outside [0, 1] before the widget warns.
+RANGE_SLACK = 0.1
 
 
 def predict_array(
@@ -58,6 +60,26 @@ def predict_array(
     plan = make_plan(shape, model_factor(model, info["model_config"]), block=shape, roi=roi_size)
     x = normalize_raw(np.asarray(raw))
     return to_uint8(predict_region(model, x, plan, tta=tta))
+
+
+def raw_range_warning(raw: Any, name: str = "the image") -> str | None:
+    """A warning when float raw is far outside [0, 1] (the model would see it unscaled), else None.
+
+    uint8 / uint16 raw is scaled by :func:`bbem.volumes.normalize_raw`; floats are taken as
+    already normalised, so float data in [0, 255] or [0, 65535] gives meaningless predictions.
+    """
+    if not np.issubdtype(np.dtype(getattr(raw, "dtype", np.float32)), np.floating):
+        return None
+    if math.prod(np.shape(raw)) > MAX_VOXELS:  # refused by predict_array anyway: do not read it
+        return None
+    lo, hi = (float(np.asarray(f(raw))) for f in (np.nanmin, np.nanmax))
+    if lo >= -RANGE_SLACK and hi <= 1.0 + RANGE_SLACK:
+        return None
+    return (
+        f"{name} is {np.dtype(raw.dtype)} with values in [{lo:.3g}, {hi:.3g}]: the model expects "
+        "uint8 / uint16 raw EM, or float already normalised to [0, 1]; convert the layer "
+        "(e.g. to uint8) or the prediction is meaningless"
+    )
 
 
 def best_threshold(checkpoint: str | os.PathLike) -> float | None:
