@@ -387,11 +387,15 @@ def test_predictions_widget(
     _save(viewer.screenshot(canvas_only=False), shots / "napari_predictions.png")
 
 
-def test_predictions_widget_reports_errors(gl_display, make_napari_viewer, qtbot, tmp_path):
-    from napari_bbem._widgets import PredictionsWidget
+def test_predictions_widget_reports_errors(
+    gl_display, make_napari_viewer, qtbot, tmp_path, monkeypatch
+):
+    import napari_bbem._widgets as widgets
 
+    errors: list[str] = []
+    monkeypatch.setattr(widgets, "show_error", errors.append)
     viewer = make_napari_viewer()
-    widget = PredictionsWidget(viewer)
+    widget = widgets.PredictionsWidget(viewer)
     assert widget.start() is None
     assert "open a volume" in widget.status.value
     viewer.add_image(np.zeros((32, 32), np.uint8), name="section")
@@ -405,6 +409,8 @@ def test_predictions_widget_reports_errors(gl_display, make_napari_viewer, qtbot
     qtbot.waitUntil(lambda: widget.status.value.startswith("failed:"), timeout=30_000)
     assert widget.status.value.startswith("failed:")
     assert len(viewer.layers) == 2
+    # the failure is also a napari notification, not only the status line
+    assert [e.startswith("bbem prediction failed:") for e in errors] == [True]
 
 
 def test_predictions_widget_offers_raw_volumes(gl_display, make_napari_viewer, monkeypatch):
@@ -461,6 +467,32 @@ def test_on_rates_widget(gl_display, make_napari_viewer, qtbot, run_dir, tmp_pat
     widget.native.resize(420, 820)
     widget.native.grab().save(str(shots / "napari_onrates.png"))
     assert (shots / "napari_onrates.png").stat().st_size > 0
+
+
+def test_on_rates_widget_error_clears_stale_run(
+    gl_display, make_napari_viewer, run_dir, tmp_path, monkeypatch
+):
+    import napari_bbem._widgets as widgets
+
+    errors: list[str] = []
+    monkeypatch.setattr(widgets, "show_error", errors.append)
+    viewer = make_napari_viewer()
+    widget = widgets.OnRatesWidget(viewer)
+    widget.run_dir.value = run_dir
+    assert widget.figure.axes
+    assert widget.step.max == 1
+    assert errors == []
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "bb.csv").write_text(BB_CSV.splitlines()[0] + "\n")
+    widget.run_dir.value = tmp_path / "empty"
+    [message] = errors
+    assert "no rows" in message
+    assert "no rows" in widget.status.value
+    # nothing of the previous run is left to be misread as this one's
+    assert widget.data is None
+    assert widget.figure.axes == []
+    assert widget.layer.choices == ()
+    assert (widget.step.max, widget.step.value) == (0, 0)
 
 
 def _save(img: np.ndarray, path: Path) -> None:

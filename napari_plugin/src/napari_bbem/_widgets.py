@@ -19,7 +19,7 @@ from magicgui.widgets import (
     PushButton,
     Slider,
 )
-from napari.utils.notifications import show_warning
+from napari.utils.notifications import show_error, show_warning
 
 from bbem.errors import UserError
 from napari_bbem.onrates import OnRates, plot_layer_step, read_on_rates
@@ -125,6 +125,7 @@ class PredictionsWidget(Container):
 
     def _failed(self, e: BaseException) -> None:
         self.status.value = f"failed: {_message(e)}"
+        show_error(f"bbem prediction failed: {_message(e)}")
 
     def _show(self, source: Any, prob: np.ndarray, threshold: float | None = None) -> None:
         self.prob = prob
@@ -199,12 +200,24 @@ class OnRatesWidget(Container):
         try:
             self.data = read_on_rates(cast(Path, self.run_dir.value) if path is None else path)
         except UserError as e:
-            self.data = None
-            self.status.value = _message(e)
+            self._failed(e)
             return
         self.layer.choices = self.data.layers
         self.layer.value = self.data.layers[0]
         self._layer_changed()
+
+    def _failed(self, e: BaseException) -> None:
+        """Say what went wrong (status and a notification) and clear the previous run's plot,
+        layers and steps, so that nothing stale is read as this run's."""
+        self.data = None
+        with self.layer.changed.blocked(), self.step.changed.blocked():
+            self.layer.choices = []
+            self.step.max = 0
+            self.step.value = 0
+        self.figure.clear()
+        self.canvas.draw_idle()
+        self.status.value = _message(e)
+        show_error(f"bbem on-rates: {_message(e)}")
 
     def _layer_changed(self, _value: Any = None) -> None:
         if self.data is None or self.layer.value is None:
@@ -219,10 +232,14 @@ class OnRatesWidget(Container):
         """Redraw the figure for the chosen layer and step index."""
         if self.data is None or self.layer.value is None:
             return
-        steps = self.data.steps(self.layer.value)
-        step = steps[min(int(self.step.value), len(steps) - 1)]
-        ls = self.data.at(self.layer.value, step)
-        plot_layer_step(self.figure, ls)
+        try:
+            steps = self.data.steps(self.layer.value)
+            step = steps[min(int(self.step.value), len(steps) - 1)]
+            ls = self.data.at(self.layer.value, step)
+            plot_layer_step(self.figure, ls)
+        except UserError as e:
+            self._failed(e)
+            return
         self.canvas.draw_idle()
         self.status.value = (
             f"step {step} ({len(steps)} logged): {ls.unit.size} units, "
