@@ -21,7 +21,7 @@ import h5py
 import torch
 from matplotlib.figure import Figure
 from napari_bbem.onrates import plot_layer_step, read_on_rates
-from napari_bbem.predict import best_threshold, predict_array, threshold_clefts
+from napari_bbem.predict import best_threshold, predict_array, predict_steps, threshold_clefts
 from napari_bbem.reader import read_bbem, volume_keys
 from scipy import ndimage
 
@@ -221,6 +221,28 @@ def test_predict_array_checks(tiny_export, tmp_path):
     assert p.dtype == np.uint8
 
 
+def test_predict_steps_progress_and_stop(tiny_export, volume):
+    steps = predict_steps(tiny_export, volume["raw"], roi_size=(4, 32, 32), block=(4, 32, 32))
+    assert next(steps) == "loading model..."  # said before torch and the checkpoint load
+    fractions = []
+    while True:
+        try:
+            done, total = next(steps)
+        except StopIteration as end:
+            prob = end.value
+            break
+        fractions.append(done / total)
+    assert total == 8  # (8, 64, 64) in blocks of (4, 32, 32)
+    assert fractions == [k / 8 for k in range(9)]  # 0 before the first block, 1 after the last
+    # blocks are bookkeeping only: the same probabilities as one block of the whole volume
+    whole = predict_array(tiny_export, volume["raw"], roi_size=(4, 32, 32), block=(8, 64, 64))
+    np.testing.assert_array_equal(prob, whole)
+    # a caller stops between blocks by not resuming the generator: nothing else runs
+    steps = predict_steps(tiny_export, volume["raw"], roi_size=(4, 32, 32), block=(4, 32, 32))
+    assert [next(steps), next(steps), next(steps)] == ["loading model...", (0, 8), (1, 8)]
+    steps.close()
+
+
 def test_best_threshold(tmp_path, tiny_export):
     from bbem.model import CHECKPOINT_FORMAT
 
@@ -367,6 +389,12 @@ def test_predictions_widget(
     # wait on what the user sees: a signal could fire before a waiter connects
     qtbot.waitUntil(lambda: "raw clefts" in viewer.layers, timeout=60_000)
     qtbot.waitUntil(lambda: widget.run.enabled, timeout=10_000)
+    # progress went from 0 to all blocks done, shown in the widget's bar
+    assert widget.fractions[0] == 0.0
+    assert widget.fractions[-1] == 1.0
+    assert widget.fractions == sorted(widget.fractions)
+    assert widget.progress.value == widget.progress.max
+    assert not widget.cancel.enabled
     prob = viewer.layers["raw cleft probability"]
     assert prob.colormap.name == "magma"
     assert prob.blending == "additive"
@@ -411,6 +439,26 @@ def test_predictions_widget_reports_errors(
     assert len(viewer.layers) == 2
     # the failure is also a napari notification, not only the status line
     assert [e.startswith("bbem prediction failed:") for e in errors] == [True]
+
+
+def test_predictions_widget_cancel(gl_display, make_napari_viewer, qtbot, tiny_export, volume):
+    from napari_bbem._widgets import PredictionsWidget
+
+    viewer = make_napari_viewer()
+    viewer.add_image(volume["raw"], name="raw", scale=VS)
+    widget = PredictionsWidget(viewer)
+    widget.checkpoint.value = tiny_export
+    worker = widget.start()
+    assert widget.cancel.enabled
+    assert not widget.run.enabled
+    widget.stop()  # the worker checks its abort flag before every step
+    qtbot.waitUntil(lambda: widget.run.enabled, timeout=30_000)
+    assert not worker.is_running
+    assert widget.status.value.startswith("cancelled")
+    assert "predicting" not in widget.status.value
+    assert not widget.cancel.enabled
+    assert [layer.name for layer in viewer.layers] == ["raw"]  # nothing was added
+    assert widget.prob is None
 
 
 def test_predictions_widget_offers_raw_volumes(gl_display, make_napari_viewer, monkeypatch):

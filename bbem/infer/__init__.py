@@ -20,7 +20,7 @@ from bbem.infer.predict import (
     predict_volume,
     resolve_threshold,
 )
-from bbem.infer.region import model_factor, predict_region
+from bbem.infer.region import model_factor, predict_block, predict_blocks, predict_region
 from bbem.infer.store import OnExisting
 
 __all__ = [
@@ -34,6 +34,8 @@ __all__ = [
     "infer_from_cli",
     "make_plan",
     "model_factor",
+    "predict_block",
+    "predict_blocks",
     "predict_region",
     "predict_volume",
     "resolve_threshold",

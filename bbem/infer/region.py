@@ -1,13 +1,15 @@
 """The network over one region: its downsampling factor, test-time flips, and MONAI's
-Gaussian-blended sliding windows (:func:`predict_region`, also what training validates with
-and what the napari plugin runs in memory)."""
+Gaussian-blended sliding windows (:func:`predict_region`, also what training validates with);
+one block of a plan (:func:`predict_block`, what ``bbem infer`` workers run) and a whole
+in-memory volume block by block with progress (:func:`predict_blocks`, what the napari plugin
+runs)."""
 
 from __future__ import annotations
 
 import functools
 import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Generator, Mapping, Sequence
 from typing import Any, cast
 
 import numpy as np
@@ -103,6 +105,42 @@ def predict_region(model: Any, raw: np.ndarray, plan: Plan, tta: bool = False) -
             roi_weight_map=gaussian_weights(tuple(plan.roi)),
         )
     return cast(torch.Tensor, out)[0, 0].numpy()  # one tensor: the predictor returns one
+
+
+def predict_block(
+    model: Any, raw: Any, plan: Plan, index: Sequence[int], tta: bool = False
+) -> tuple[tuple[slice, slice, slice], np.ndarray]:
+    """Block ``index`` of ``plan``: the voxels it owns and their probabilities float32.
+
+    ``raw`` is the whole volume's raw EM (anything sliceable: numpy, dask, a lazy volume);
+    only the block's :meth:`Plan.read_box` is read and normalised
+    (:func:`bbem.volumes.normalize_raw`). Blocks put together equal a whole-volume prediction.
+    """
+    from bbem.volumes.normalize import normalize_raw
+
+    read = plan.read_box(index)
+    own = plan.block_box(index)
+    prob = predict_region(model, normalize_raw(np.asarray(raw[read])), plan, tta)
+    crop = tuple(slice(o.start - r.start, o.stop - r.start) for o, r in zip(own, read, strict=True))
+    return own, prob[crop]
+
+
+def predict_blocks(
+    model: Any, raw: Any, plan: Plan, tta: bool = False
+) -> Generator[tuple[int, int], None, np.ndarray]:
+    """Probabilities ``[Z, Y, X]`` float32 of a whole volume, block by block.
+
+    Yields ``(done, total)`` blocks before the first and after each block, so a caller can show
+    progress and stop between blocks (by not resuming the generator); returns the volume.
+    """
+    out = np.empty(plan.shape, np.float32)
+    total = plan.n_blocks
+    yield 0, total
+    for done, index in enumerate(plan.blocks(), start=1):
+        own, prob = predict_block(model, raw, plan, index, tta)
+        out[own] = prob
+        yield done, total
+    return out
 
 
 def check_window_fits(model: Any, plan: Plan, factor: ZYX, input: Any) -> None:

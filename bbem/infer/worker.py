@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bbem.infer.plan import ZYX, Plan
-from bbem.infer.region import predict_region
+from bbem.infer.region import predict_block
 from bbem.infer.store import mark_done
 
 
@@ -92,16 +92,10 @@ def run_block(res: BlockResources, index: ZYX) -> BlockResult:
     :func:`bbem.metrics.binarize` of those levels, the rule ``bbem evaluate`` and napari use.
     """
     from bbem.metrics import binarize, to_uint8
-    from bbem.volumes.normalize import normalize_raw
 
     job = res.job
     net, loaded = res.model()
-    read = job.plan.read_box(index)
-    own = job.plan.block_box(index)
-    prob = predict_region(net, normalize_raw(res.volume()[read]), job.plan, job.tta)
-    prob = prob[
-        tuple(slice(o.start - r.start, o.stop - r.start) for o, r in zip(own, read, strict=True))
-    ]
+    own, prob = predict_block(net, res.volume(), job.plan, index, job.tta)
     levels = to_uint8(prob)
     res.array(job.prob_path)[own] = levels
     if job.label_path is not None and job.threshold is not None:

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -16,6 +17,7 @@ from magicgui.widgets import (
     FileEdit,
     FloatSlider,
     Label,
+    ProgressBar,
     PushButton,
     Slider,
 )
@@ -25,7 +27,7 @@ from bbem.errors import UserError
 from napari_bbem.onrates import OnRates, plot_layer_step, read_on_rates
 from napari_bbem.predict import (
     best_threshold,
-    predict_array,
+    predict_steps,
     raw_range_warning,
     threshold_clefts,
 )
@@ -40,9 +42,13 @@ def _message(e: BaseException) -> str:
     return str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
 
 
-def _predict_job(checkpoint: str, data: Any, tta: bool) -> tuple[np.ndarray, float | None]:
-    """What the worker thread runs: probabilities and the checkpoint's suggested threshold."""
-    return predict_array(checkpoint, data, tta=tta), best_threshold(checkpoint)
+def _predict_job(
+    checkpoint: str, data: Any, tta: bool
+) -> Generator[str | tuple[int, int], None, tuple[np.ndarray, float | None]]:
+    """What the worker thread runs: yields status lines and ``(done, total)`` blocks; returns
+    the probabilities and the checkpoint's suggested threshold."""
+    prob = yield from predict_steps(checkpoint, data, tta=tta)
+    return prob, best_threshold(checkpoint)
 
 
 def is_raw_volume(layer: Any) -> bool:
@@ -75,15 +81,24 @@ class PredictionsWidget(Container):
         self.image = ComboBox(label="image", choices=self._image_layers)
         self.tta = CheckBox(text="flip averaging (8x slower)", value=False)
         self.run = PushButton(text="Predict")
+        self.cancel = PushButton(text="Cancel", enabled=False)
+        self.progress = ProgressBar(label="blocks", min=0, max=1, value=0)
         self.threshold = FloatSlider(label="threshold", min=0.0, max=1.0, step=0.01, value=0.5)
         self.status = Label(value="choose a checkpoint and an image")
         self.status.native.setWordWrap(True)
-        self.extend([self.checkpoint, self.image, self.tta, self.run, self.threshold, self.status])
+        buttons = Container(widgets=[self.run, self.cancel], layout="horizontal", labels=False)
+        buttons.margins = (0, 0, 0, 0)
+        rows = [self.checkpoint, self.image, self.tta, buttons, self.progress, self.threshold]
+        self.extend([*rows, self.status])
         self.prob: np.ndarray | None = None
         self.prob_layer: Any = None
         self.clefts_layer: Any = None
         self.worker: Any = None
+        #: Fractions of blocks done the running prediction reported, in order.
+        self.fractions: list[float] = []
+        self._activity: Any = None  # napari's progress bar in the activity dock
         self.run.changed.connect(self.start)
+        self.cancel.changed.connect(self.stop)
         self.threshold.changed.connect(self._show_clefts)
         for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
             event.connect(self.reset_choices)
@@ -109,19 +124,52 @@ class PredictionsWidget(Container):
             self.status.value = "choose a checkpoint file (.pt)"
             return None
         self.run.enabled = False
+        self.cancel.enabled = True
+        self.fractions = []
+        self.progress.max, self.progress.value = 1, 0
         self.status.value = f"predicting {layer.name} {tuple(data.shape)}..."
         # our own "errored" handler: the message goes to the status line, not a traceback
-        worker = thread_worker(
-            _predict_job,
-            progress={"desc": "bbem prediction"},
-            connect={"errored": self._failed},
-            start_thread=False,
-        )(str(ckpt), data, self.tta.value)
+        worker = thread_worker(_predict_job, connect={"errored": self._failed}, start_thread=False)(
+            str(ckpt), data, self.tta.value
+        )
+        worker.yielded.connect(lambda item: self._progress(layer.name, item))
         worker.returned.connect(lambda result: self._show(layer, *result))
-        worker.finished.connect(lambda: setattr(self.run, "enabled", True))
+        worker.aborted.connect(self._cancelled)
+        worker.finished.connect(self._finished)
         self.worker = worker
         worker.start()
         return worker
+
+    def stop(self, _value: Any = None) -> None:
+        """Cancel the running prediction: it stops after the block it is on."""
+        if self.worker is not None and self.cancel.enabled:
+            self.cancel.enabled = False
+            self.status.value = "cancelling (after the current block)..."
+            self.worker.quit()
+
+    def _progress(self, name: str, item: str | tuple[int, int]) -> None:
+        if isinstance(item, str):
+            self.status.value = item
+            return
+        done, total = item
+        self.fractions.append(done / total)
+        self.progress.max, self.progress.value = total, done
+        self.status.value = f"predicting {name}: {done}/{total} blocks"
+        if self._activity is None:
+            from napari.utils import progress
+
+            self._activity = progress(total=total, desc=f"bbem prediction of {name}")
+        self._activity.update(done - self._activity.n)
+
+    def _cancelled(self) -> None:
+        self.status.value = "cancelled: no prediction was added"
+
+    def _finished(self) -> None:
+        self.run.enabled = True
+        self.cancel.enabled = False
+        if self._activity is not None:
+            self._activity.close()
+            self._activity = None
 
     def _failed(self, e: BaseException) -> None:
         self.status.value = f"failed: {_message(e)}"

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
+from collections.abc import Generator
+from typing import Any, cast
 
 import numpy as np
 
@@ -28,18 +29,36 @@ def predict_array(
     raw: Any,
     tta: bool = False,
     roi_size: tuple[int, int, int] | None = None,
+    block: tuple[int, int, int] | None = None,
 ) -> np.ndarray:
     """Cleft probabilities ``[Z, Y, X]`` uint8 (``rint(255 p)``) for raw EM ``[Z, Y, X]``.
 
     ``checkpoint``: a training checkpoint or an export. ``raw``: a numpy or dask array (uint8,
     uint16 or float in [0, 1]), read whole. ``roi_size``: the sliding window; by default the
-    checkpoint's training patch size (as ``bbem infer``), capped to the volume.
+    checkpoint's training patch size (as ``bbem infer``), capped to the volume. ``block``: the
+    blocks progress is counted in (``bbem infer``'s default); the result does not depend on it.
     """
-    from bbem.infer import make_plan, model_factor, predict_region
-    from bbem.metrics import to_uint8
-    from bbem.model import load_inference_model
-    from bbem.volumes import normalize_raw
+    steps = predict_steps(checkpoint, raw, tta=tta, roi_size=roi_size, block=block)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return cast(np.ndarray, done.value)
 
+
+def predict_steps(
+    checkpoint: str | os.PathLike,
+    raw: Any,
+    tta: bool = False,
+    roi_size: tuple[int, int, int] | None = None,
+    block: tuple[int, int, int] | None = None,
+) -> Generator[str | tuple[int, int], None, np.ndarray]:
+    """:func:`predict_array` as a generator (what the widget's worker thread runs).
+
+    Yields ``"loading model..."`` before torch and the checkpoint load, then ``(done, total)``
+    blocks (:func:`bbem.infer.predict_blocks`), from ``(0, total)`` to ``(total, total)``;
+    returns the uint8 probabilities. Not resuming it stops the prediction between blocks.
+    """
     shape = tuple(int(s) for s in np.shape(raw))
     if len(shape) != 3:
         raise UserError(
@@ -53,13 +72,22 @@ def predict_array(
         )
     if not os.path.isfile(checkpoint):
         raise UserError(f"checkpoint {checkpoint} does not exist: choose a .pt file")
+    from bbem.volumes import normalize_raw
+
+    raw = np.asarray(raw)
+    normalize_raw(raw[:0])  # its one error for a dtype it cannot scale, before the model loads
+    yield "loading model..."
+    from bbem.infer import make_plan, model_factor, predict_blocks
+    from bbem.metrics import to_uint8
+    from bbem.model import load_inference_model
+
     model, info = load_inference_model(checkpoint)
     if roi_size is None:
         patch = ((info.get("config") or {}).get("data") or {}).get("patch_size")
         roi_size = tuple(patch) if patch else None
-    plan = make_plan(shape, model_factor(model, info["model_config"]), block=shape, roi=roi_size)
-    x = normalize_raw(np.asarray(raw))
-    return to_uint8(predict_region(model, x, plan, tta=tta))
+    plan = make_plan(shape, model_factor(model, info["model_config"]), block=block, roi=roi_size)
+    prob = yield from predict_blocks(model, raw, plan, tta=tta)
+    return to_uint8(prob)
 
 
 def raw_range_warning(raw: Any, name: str = "the image") -> str | None:
