@@ -441,6 +441,31 @@ def test_predictions_widget_reports_errors(
     assert [e.startswith("bbem prediction failed:") for e in errors] == [True]
 
 
+def test_sample_data(gl_display, make_napari_viewer):
+    from napari_bbem._sample import synthetic_em
+
+    (raw, rkw, rt), (clefts, ckw, ct) = synthetic_em()
+    assert (rt, ct) == ("image", "labels")
+    assert raw.shape == clefts.shape == (16, 128, 128)
+    assert raw.dtype == np.uint8
+    assert clefts.max() > 0  # a few synapses
+    for kw in (rkw, ckw):
+        assert kw["units"] == ("nm", "nm", "nm")
+        assert kw["axis_labels"] == ("z", "y", "x")
+        assert kw["scale"] == (40.0, 4.0, 4.0)
+    np.testing.assert_array_equal(synthetic_em()[0][0], raw)  # fixed seed
+
+    viewer = make_napari_viewer()  # File > Open Sample > napari-bbem > bbem synthetic EM
+    viewer.open_sample("napari-bbem", "synthetic")
+    assert [(layer.name, type(layer).__name__) for layer in viewer.layers] == [
+        ("synthetic raw", "Image"),
+        ("synthetic clefts", "Labels"),
+    ]
+    np.testing.assert_array_equal(viewer.layers["synthetic raw"].data, raw)
+    assert tuple(viewer.dims.axis_labels) == ("z", "y", "x")
+    assert [str(u) for u in viewer.layers["synthetic clefts"].units] == ["nanometer"] * 3
+
+
 def test_predictions_widget_cancel(gl_display, make_napari_viewer, qtbot, tiny_export, volume):
     from napari_bbem._widgets import PredictionsWidget
 
