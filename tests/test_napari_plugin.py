@@ -395,7 +395,7 @@ def test_predictions_widget(
     assert widget.fractions == sorted(widget.fractions)
     assert widget.progress.value == widget.progress.max
     assert not widget.cancel.enabled
-    prob = viewer.layers["raw cleft probability"]
+    prob = viewer.layers["raw probability"]
     assert prob.colormap.name == "magma"
     assert prob.blending == "additive"
     np.testing.assert_allclose(prob.scale, VS)
@@ -411,6 +411,14 @@ def test_predictions_widget(
         viewer.layers["raw clefts"].data, threshold_clefts(prob.data, 0.5)
     )
     assert "at p >= 0.50" in widget.status.value
+    # outputs are named after their source; a second run replaces them, no "raw clefts [1]"
+    names = ["raw", "raw probability", "raw clefts"]
+    assert [layer.name for layer in viewer.layers] == names
+    first = viewer.layers["raw clefts"]
+    widget.start()
+    qtbot.waitUntil(lambda: widget.run.enabled, timeout=60_000)
+    assert [layer.name for layer in viewer.layers] == names
+    assert viewer.layers["raw clefts"] is first
     viewer.window._qt_window.resize(1200, 800)
     _save(viewer.screenshot(canvas_only=False), shots / "napari_predictions.png")
 

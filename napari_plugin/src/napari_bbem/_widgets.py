@@ -67,7 +67,7 @@ def is_raw_volume(layer: Any) -> bool:
 class PredictionsWidget(Container):
     """Run a checkpoint over an image layer; show probabilities and thresholded clefts.
 
-    Adds ``<image> cleft probability`` (uint8, magma, additive) and ``<image> clefts`` (one
+    Adds ``<image> probability`` (uint8, magma, additive) and ``<image> clefts`` (one
     label per connected cleft at the threshold), with the image's scale and translate. The
     threshold starts at the checkpoint's best validation threshold when it recorded one.
     """
@@ -91,6 +91,7 @@ class PredictionsWidget(Container):
         rows = [self.checkpoint, self.image, self.tta, buttons, self.progress, self.threshold]
         self.extend([*rows, self.status])
         self.prob: np.ndarray | None = None
+        self.source: Any = None  # the image layer the shown prediction is of
         self.prob_layer: Any = None
         self.clefts_layer: Any = None
         self.worker: Any = None
@@ -175,15 +176,24 @@ class PredictionsWidget(Container):
         self.status.value = f"failed: {_message(e)}"
         show_error(f"bbem prediction failed: {_message(e)}")
 
+    def _output(self, name: str, kind: str, source: str) -> Any:
+        """This widget's earlier output layer ``name`` for ``source`` (re-used), else None;
+        a user's own layer of that name is left alone."""
+        if name not in self.viewer.layers:
+            return None
+        layer = self.viewer.layers[name]
+        meta = layer.metadata
+        return layer if (meta.get("bbem_kind"), meta.get("bbem_source")) == (kind, source) else None
+
     def _show(self, source: Any, prob: np.ndarray, threshold: float | None = None) -> None:
         self.prob = prob
+        self.source = source
         if threshold is not None:  # start from the checkpoint's best validation threshold
             with self.threshold.changed.blocked():
                 self.threshold.value = round(threshold, 2)
-        name = f"{source.name} cleft probability"
-        where = geometry(source.scale, source.translate)
-        if name in self.viewer.layers:
-            self.prob_layer = self.viewer.layers[name]
+        name = f"{source.name} probability"
+        self.prob_layer = self._output(name, "probability", source.name)
+        if self.prob_layer is not None:
             self.prob_layer.data = prob
         else:
             self.prob_layer = self.viewer.add_image(
@@ -193,25 +203,28 @@ class PredictionsWidget(Container):
                 blending="additive",
                 contrast_limits=(0, 255),
                 opacity=0.8,
-                metadata={"bbem_kind": "probability"},
-                **where,
+                metadata={"bbem_kind": "probability", "bbem_source": source.name},
+                **geometry(source.scale, source.translate),
             )
-        self._show_clefts(source=source)
+        self._show_clefts()
 
-    def _show_clefts(self, _value: Any = None, source: Any = None) -> None:
-        if self.prob is None:
+    def _show_clefts(self, _value: Any = None) -> None:
+        if self.prob is None or self.source is None:
             return
         clefts = threshold_clefts(self.prob, self.threshold.value)
         n = int(clefts.max())
-        base = self.prob_layer.name.removesuffix(" cleft probability")
-        name = f"{base} clefts"
-        if name in self.viewer.layers:
-            self.clefts_layer = self.viewer.layers[name]
+        source = self.source
+        name = f"{source.name} clefts"
+        self.clefts_layer = self._output(name, "predicted_clefts", source.name)
+        if self.clefts_layer is not None:
             self.clefts_layer.data = clefts
         else:
-            ref = source if source is not None else self.prob_layer
             self.clefts_layer = self.viewer.add_labels(
-                clefts, name=name, opacity=0.6, **geometry(ref.scale, ref.translate)
+                clefts,
+                name=name,
+                opacity=0.6,
+                metadata={"bbem_kind": "predicted_clefts", "bbem_source": source.name},
+                **geometry(source.scale, source.translate),
             )
         self.status.value = (
             f"{n} cleft{'' if n == 1 else 's'} at p >= {self.threshold.value:.2f} "
