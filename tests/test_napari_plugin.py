@@ -370,6 +370,7 @@ def test_viewer_opens_with_plugin(gl_display, make_napari_viewer, synth_zarr, sh
     for layer in viewer.layers:
         assert [str(u) for u in layer.units] == ["nanometer"] * 3
         assert tuple(layer.axis_labels) == ("z", "y", "x")
+    viewer.window._qt_window.resize(1200, 800)
     _save(viewer.screenshot(canvas_only=False), shots / "napari_reader.png")
 
 
@@ -449,7 +450,7 @@ def test_predictions_widget_reports_errors(
     assert [e.startswith("bbem prediction failed:") for e in errors] == [True]
 
 
-def test_sample_data(gl_display, make_napari_viewer):
+def test_sample_data(gl_display, make_napari_viewer, shots):
     from napari_bbem._sample import synthetic_em
 
     (raw, rkw, rt), (clefts, ckw, ct) = synthetic_em()
@@ -472,6 +473,8 @@ def test_sample_data(gl_display, make_napari_viewer):
     np.testing.assert_array_equal(viewer.layers["synthetic raw"].data, raw)
     assert tuple(viewer.dims.axis_labels) == ("z", "y", "x")
     assert [str(u) for u in viewer.layers["synthetic clefts"].units] == ["nanometer"] * 3
+    viewer.window._qt_window.resize(1200, 800)
+    _save(viewer.screenshot(canvas_only=False), shots / "napari_sample.png")
 
 
 def test_predictions_widget_cancel(gl_display, make_napari_viewer, qtbot, tiny_export, volume):
