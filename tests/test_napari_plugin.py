@@ -187,6 +187,56 @@ def test_reader_multiscale_ome_zarr(tmp_path):
     np.testing.assert_array_equal(data[1].compute(), full[0, :, ::2, ::2])
 
 
+def test_writer_round_trip_and_evaluate(tmp_path, volume):
+    from napari_bbem._reader import napari_get_reader
+    from napari_bbem._writer import write_image, write_labels
+
+    from bbem.metrics import evaluate
+
+    prob = (ndimage.gaussian_filter((volume["clefts"] > 0).astype(float), 1) * 255).astype(np.uint8)
+    geo = {"scale": VS, "translate": (80.0, 8.0, 4.0)}
+    meta = {"name": "raw probability", "metadata": {"bbem_kind": "probability"}, **geo}
+    [p_path] = write_image(str(tmp_path / "prob.zarr"), prob, meta)
+    [t_path] = write_labels(str(tmp_path / "truth"), volume["clefts"], {"name": "gt", **geo})
+    assert t_path.endswith("truth.zarr")  # the extension is added
+    for path, data, kind in ((p_path, prob, "image"), (t_path, volume["clefts"], "labels")):
+        reader = napari_get_reader(path)
+        assert reader is not None
+        [(back, kw, layer_type)] = reader(path)
+        assert layer_type == kind
+        np.testing.assert_array_equal(np.asarray(back), data)
+        assert back.dtype == data.dtype
+        assert kw["scale"] == VS
+        assert kw["translate"] == (80.0, 8.0, 4.0)
+    [(_, kw, _)] = read_bbem(p_path)
+    assert kw["colormap"] == "magma"  # shown as a probability again
+    # what bbem evaluate reads (open_volume on the store) gives the same numbers as the arrays
+    from bbem.volumes import open_volume
+
+    got = evaluate(open_volume(p_path), open_volume(t_path), min_size=10, cremi=False)
+    want = evaluate(prob, volume["clefts"], voxel_size=VS, min_size=10, cremi=False)
+    assert got["voxel"] == want["voxel"]
+    assert got["object"] == want["object"]
+    assert got["protocol"]["voxel_size_nm"] == list(VS)
+
+
+def test_reader_tiff(tmp_path):
+    import tifffile
+    from napari_bbem._reader import napari_get_reader
+
+    stack = np.arange(5 * 12 * 20, dtype=np.uint16).reshape(5, 12, 20)
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(path, stack)
+    reader = napari_get_reader(str(path))
+    assert reader is not None
+    [(data, kw, layer_type)] = reader(str(path))
+    assert layer_type == "image"
+    assert kw["name"] == "stack"
+    assert data.shape == (5, 12, 20)
+    np.testing.assert_array_equal(np.asarray(data), stack)
+    assert napari_get_reader(str(tmp_path / "notes.txt")) is None
+
+
 def read_raw(path: Path) -> np.ndarray:
     from bbem.volumes import open_volume
 

@@ -27,6 +27,7 @@ from bbem.volumes import ome_multiscales, open_volume
 
 #: Extensions the reader claims (besides directories that are zarr stores).
 HDF5_SUFFIXES = (".h5", ".hdf", ".hdf5", ".he5", ".cremi")
+TIFF_SUFFIXES = (".tif", ".tiff")
 #: The multiscales name ``bbem infer`` gives its probability image.
 PROBABILITY_NAME = "cleft_probability"
 LABEL_NAMES = ("clefts", "neuron_ids", "labels", "segmentation", "mask")
@@ -49,11 +50,11 @@ def geometry(scale: Any, translate: Any) -> dict[str, Any]:
 
 
 def is_bbem_path(path: str | os.PathLike) -> bool:
-    """True for a zarr store (directory with zarr metadata) or an hdf5 file."""
+    """True for a zarr store (directory with zarr metadata), an hdf5 file or a tiff stack."""
     p = Path(path)
     if p.is_dir():
         return any((p / m).is_file() for m in ZARR_METADATA)
-    return p.is_file() and p.suffix.lower() in HDF5_SUFFIXES
+    return p.is_file() and p.suffix.lower() in HDF5_SUFFIXES + TIFF_SUFFIXES
 
 
 def volume_keys(path: str | os.PathLike) -> list[tuple[str | None, str]]:
@@ -64,8 +65,13 @@ def volume_keys(path: str | os.PathLike) -> list[tuple[str | None, str]]:
     """
     p = Path(path)
     if not is_bbem_path(p):
-        raise UserError(f"{p} is neither a zarr store nor an hdf5 file: napari-bbem cannot open it")
-    found = _hdf5_keys(p) if p.is_file() else _zarr_keys(p)
+        raise UserError(
+            f"{p} is neither a zarr store, an hdf5 file nor a tiff stack: napari-bbem cannot open it"
+        )
+    if p.is_file() and p.suffix.lower() in TIFF_SUFFIXES:
+        found = _tiff_keys(p)
+    else:
+        found = _hdf5_keys(p) if p.is_file() else _zarr_keys(p)
     if not found:
         raise UserError(f"{p} holds no 3D volume (z, y, x) napari-bbem could show")
     # napari draws later layers on top: raw, then probabilities, then neurons, clefts last
@@ -122,7 +128,7 @@ def _contrast(dtype: np.dtype) -> tuple[float, float] | None:
 
 def _layer_name(path: Path, key: str | None) -> str:
     if key is None:
-        return path.name.removesuffix(".zarr")
+        return path.name.removesuffix(".zarr") if path.is_dir() else path.stem
     return key.rstrip("/").rsplit("/", 1)[-1]
 
 
@@ -152,6 +158,12 @@ def _kind(key: str, dtype: np.dtype, ms_name: str | None = None) -> str:
     ):
         return "labels"
     return "image"
+
+
+def _tiff_keys(path: Path) -> list[tuple[str | None, str]]:
+    """A tiff stack is one volume (key None); 2D tiffs are not volumes."""
+    vol = open_volume(path)
+    return [(None, _kind(path.stem, vol.dtype))] if len(vol.shape) == 3 else []
 
 
 def _hdf5_keys(path: Path) -> list[tuple[str | None, str]]:
@@ -186,7 +198,16 @@ def _zarr_keys(path: Path) -> list[tuple[str | None, str]]:
             # OME t/c axes of length 1 are dropped by open_volume; more than one is not a volume
             if level0.ndim >= 3 and all(s == 1 for s in level0.shape[:-3]):
                 key = prefix.rstrip("/") or None
-                found.append((key, _kind(prefix or path.name, level0.dtype, ms[0].get("name"))))
+                kind = _kind(prefix or path.name, level0.dtype, ms[0].get("name"))
+                # a store napari-bbem's writer saved says which layer it was
+                saved = dict(group.attrs).get("bbem_layer")
+                if isinstance(saved, dict) and saved.get("kind") in (
+                    "image",
+                    "labels",
+                    "probability",
+                ):
+                    kind = saved["kind"]
+                found.append((key, kind))
             # OME-Zarr labels sit in the image's "labels" group; other levels are not volumes
             if "labels" in group and isinstance(group["labels"], zarr.Group):
                 walk(group["labels"], f"{prefix}labels/")
