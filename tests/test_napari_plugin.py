@@ -629,6 +629,107 @@ def test_on_rates_widget_error_clears_stale_run(
     assert (widget.step.max, widget.step.value) == (0, 0)
 
 
+def _eval_pair(volume) -> tuple[np.ndarray, np.ndarray]:
+    """A blurred copy of the truth as uint8 probabilities, plus one invented cleft."""
+    prob = ndimage.gaussian_filter((volume["clefts"] > 0).astype(float), 1) * 255
+    prob = prob.astype(np.uint8)
+    prob[2:4, 5:10, 5:10] = 250
+    return prob, volume["clefts"]
+
+
+def test_evaluate_functions_match_bbem(volume):
+    from napari_bbem.evaluate import evaluate_arrays, mismatches, n_objects, plot_pr, summary_rows
+
+    from bbem.metrics import evaluate
+
+    prob, truth = _eval_pair(volume)
+    got = evaluate_arrays(prob, truth, 0.4, 10, voxel_size=VS)
+    want = evaluate(prob, truth, threshold=0.4, min_size=10, voxel_size=VS)
+    c = want["voxel"]["counts_at_threshold"]
+    rows = dict(summary_rows(got))
+    assert list(rows.values()) == [
+        want["voxel"]["pr_auc"],
+        want["voxel"]["f1_best"],
+        2 * c["tp"] / (2 * c["tp"] + c["fp"] + c["fn"]),
+        want["object"]["iou_0.2"]["f1"],
+        want["object"]["iou_0.5"]["f1"],
+        want["cremi"]["adgt_mean"],
+        want["cremi"]["adf_mean"],
+        want["cremi"]["score"],
+        want["cremi"]["fscore"],
+    ]
+    for iou in (0.2, 0.5):
+        missed, spurious = mismatches(prob, truth, 0.4, 10, iou=iou)
+        assert n_objects(missed) == want["object"][f"iou_{iou:g}"]["missed"]
+        assert n_objects(spurious) == want["object"][f"iou_{iou:g}"]["spurious"]
+    assert n_objects(spurious) >= 1  # the invented cleft
+    fig = plot_pr(Figure(), got)
+    [ax] = fig.axes
+    np.testing.assert_allclose(ax.lines[4].get_ydata(), want["voxel"]["curve"]["precision"])
+    assert fig.get_facecolor()[:3] == pytest.approx((0x26 / 255, 0x29 / 255, 0x30 / 255))
+
+
+def test_evaluate_widget(gl_display, make_napari_viewer, volume, shots, monkeypatch):
+    import napari_bbem._evaluate as ev
+
+    from bbem.metrics import evaluate
+
+    errors: list[str] = []
+    monkeypatch.setattr(ev, "show_error", errors.append)
+    prob, truth = _eval_pair(volume)
+    viewer = make_napari_viewer()
+    viewer.add_image(volume["raw"], name="raw", scale=VS)
+    viewer.add_image(
+        prob,
+        name="raw probability",
+        scale=VS,
+        colormap="magma",
+        blending="additive",
+        metadata={"bbem_kind": "probability", "threshold": 0.4},
+    )
+    viewer.add_labels(truth, name="clefts", scale=VS)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-bbem", "Evaluate")
+    assert isinstance(widget, ev.EvaluateWidget)
+    assert widget.prediction.value is viewer.layers["raw probability"]
+    assert widget.truth.value is viewer.layers["clefts"]
+    assert widget.threshold.value == pytest.approx(0.4)  # stored with the prediction
+    assert not widget.canvas.isVisible()  # no empty figure before a result
+    widget.min_size.value = 10
+    result = widget.evaluate()
+    assert result is not None
+    want = evaluate(prob, truth, threshold=0.4, min_size=10, voxel_size=VS)
+    assert result["voxel"] == want["voxel"]
+    assert result["object"] == want["object"]
+    assert result["cremi"] == want["cremi"]
+    assert next(v for _, v in widget.rows) == want["voxel"]["pr_auc"]
+    assert widget.table.shape == (len(widget.rows), 1)
+    assert "raw probability spurious" in viewer.layers
+    assert "clefts missed" in viewer.layers
+    spurious = viewer.layers["raw probability spurious"]
+    np.testing.assert_allclose(spurious.scale, VS)
+    assert len(np.unique(spurious.data[spurious.data > 0])) == want["object"]["iou_0.5"]["spurious"]
+    assert f"{want['object']['iou_0.5']['spurious']} spurious" in widget.status.value
+    n_layers = len(viewer.layers)
+    widget.evaluate()  # a second run updates its layers
+    assert len(viewer.layers) == n_layers
+    viewer.window._qt_window.resize(1300, 900)
+    _save(viewer.screenshot(canvas_only=False), shots / "napari_evaluate.png")
+    # errors: a status line and a notification, no traceback
+    viewer.add_labels(np.zeros((4, 8, 8), np.int32), name="small")
+    widget.truth.value = viewer.layers["small"]
+    assert widget.evaluate() is None
+    assert widget.status.value.startswith("failed:")
+    assert "disagree" in widget.status.value
+    assert "\n" not in widget.status.value
+    widget.truth.value = viewer.layers["clefts"]
+    widget.prediction.value = viewer.layers["raw"]
+    viewer.layers["raw"].data = volume["raw"].astype(np.int16)
+    assert widget.evaluate() is None
+    assert widget.status.value.startswith("failed:")
+    assert len(errors) == 2
+    assert all(e.startswith("bbem evaluate:") for e in errors)
+
+
 def _save(img: np.ndarray, path: Path) -> None:
     import imageio.v3 as iio
 
