@@ -579,28 +579,95 @@ def test_predictions_widget_offers_raw_volumes(gl_display, make_napari_viewer, m
 
 
 def test_on_rates_widget(gl_display, make_napari_viewer, qtbot, run_dir, tmp_path, shots):
-    from napari_bbem._widgets import OnRatesWidget
+    from napari_bbem._widgets import VIEWS, OnRatesWidget
 
     viewer = make_napari_viewer()
     _, widget = viewer.window.add_plugin_dock_widget("napari-bbem", "On-rates")
     assert isinstance(widget, OnRatesWidget)
+    # before a run is chosen: a hint, no empty figure
+    assert not widget.hint.native.isHidden()
+    assert widget.canvas.isHidden()
+    widget.native.resize(420, 400)
+    widget.native.grab().save(str(shots / "napari_onrates_empty.png"))
     widget.load(tmp_path / "missing")
     assert "does not exist" in widget.status.value
     widget.run_dir.value = run_dir  # loads through the changed signal
+    assert widget.hint.native.isHidden()
+    assert not widget.canvas.isHidden()
     assert widget.layer.choices == ("conv1", "conv2")
-    assert widget.step.max == 1
-    assert widget.step.value == 1  # the last step
+    # the slider is the training step, not an index
+    assert (widget.step.min, widget.step.max, widget.step.step) == (10, 20, 10)
+    assert widget.step.value == 20  # the last step
     ax_a = widget.figure.axes[0]
     assert [p.get_height() for p in ax_a.patches] == pytest.approx([0.4, 0.3, 0.7])
-    widget.step.value = 0
+    assert "beta = slope / K = " in widget.status.value
+    s = read_on_rates(run_dir).at("conv1", 20)
+    assert f"beta = slope / K = {s.balance()['slope'] / 4:.4g}" in widget.status.value
+    widget.step.value = 10
     assert [p.get_height() for p in widget.figure.axes[0].patches] == pytest.approx([0.5, 0.2, 0.9])
+    widget.step.value = 14  # snaps to the nearest logged step
+    assert widget.step.value == 10
     widget.layer.value = "conv2"
     assert "conv2, step 20" in widget.figure.axes[0].get_title()
-    widget.step.value = 0
+    widget.step.value = 10
     qtbot.wait(50)
     widget.native.resize(420, 820)
     widget.native.grab().save(str(shots / "napari_onrates.png"))
     assert (shots / "napari_onrates.png").stat().st_size > 0
+    widget.view.value = VIEWS[1]  # every layer: one series each
+    widget.native.resize(420, 900)
+    [ax] = widget.figure.axes
+    assert len(ax.collections) == 2
+    widget.native.grab().save(str(shots / "napari_onrates_all_layers.png"))
+    widget.view.value = VIEWS[2]  # over training
+    assert len(widget.figure.axes) == 2
+    np.testing.assert_array_equal(widget.figure.axes[0].lines[0].get_xdata(), [10, 20])
+    widget.native.grab().save(str(shots / "napari_onrates_training.png"))
+
+
+def test_on_rates_names_and_plots(run_dir):
+    from napari_bbem.onrates import (
+        beta_of,
+        layer_choices,
+        layer_name,
+        plot_all_layers,
+        plot_over_training,
+    )
+
+    assert layer_name("model.0.conv.unit0.conv") == "encoder 1 conv 1"
+    assert layer_name("model.1.submodule.1.submodule.0.conv.unit1.conv") == "encoder 3 conv 2"
+    assert layer_name("model.1.submodule.0.residual") == "encoder 2 residual"
+    assert layer_name("model.1.submodule.1.submodule.conv.unit0.conv") == "bottom 3 conv 1"
+    assert layer_name("model.1.submodule.2.0.conv") == "decoder 2 up-conv"
+    assert layer_name("model.2.1.conv.unit0.conv") == "decoder 1 conv 1"
+    assert layer_name("conv1") == "conv1"
+    assert layer_choices(["model.0.conv.unit0.conv", "x"]) == [
+        ("encoder 1 conv 1", "model.0.conv.unit0.conv"),
+        ("x", "x"),
+    ]
+    # every Conv3d of a real bbem UNet gets a distinct short name
+    model = build_model({"channels": [4, 8, 16], "strides": [[1, 2, 2], [2, 2, 2]]})
+    convs = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Conv3d | torch.nn.ConvTranspose3d)
+    ]
+    names = [layer_name(n) for n in convs]
+    assert len(set(names)) == len(names)
+    assert all(n != c for n, c in zip(names, convs, strict=True))
+
+    d = read_on_rates(run_dir)
+    s = d.at("conv1", 20)
+    assert beta_of(s) == pytest.approx(s.balance()["slope"] / 4)
+    fig = plot_layer_step(Figure(), s)
+    legend = [t.get_text() for t in fig.axes[2].get_legend().get_texts()]
+    assert any("βK" in t and f"β = slope / K = {beta_of(s):.4f}" in t for t in legend)
+    [ax] = plot_all_layers(Figure(), d).axes
+    assert len(ax.collections) == len(d.layers)  # one series per layer
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == d.layers
+    ax_a, ax_k = plot_over_training(Figure(), d, "conv1").axes
+    np.testing.assert_allclose(ax_a.lines[0].get_ydata(), [0.5, 0.4])  # medians per step
+    np.testing.assert_allclose(ax_k.lines[0].get_ydata(), [0.75, 0.5])
 
 
 def test_on_rates_widget_error_clears_stale_run(
@@ -614,7 +681,7 @@ def test_on_rates_widget_error_clears_stale_run(
     widget = widgets.OnRatesWidget(viewer)
     widget.run_dir.value = run_dir
     assert widget.figure.axes
-    assert widget.step.max == 1
+    assert widget.step.max == 20
     assert errors == []
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "bb.csv").write_text(BB_CSV.splitlines()[0] + "\n")
@@ -693,7 +760,7 @@ def test_evaluate_widget(gl_display, make_napari_viewer, volume, shots, monkeypa
     assert widget.prediction.value is viewer.layers["raw probability"]
     assert widget.truth.value is viewer.layers["clefts"]
     assert widget.threshold.value == pytest.approx(0.4)  # stored with the prediction
-    assert not widget.canvas.isVisible()  # no empty figure before a result
+    assert widget.canvas.isHidden()  # no empty figure before a result
     widget.min_size.value = 10
     result = widget.evaluate()
     assert result is not None
@@ -703,6 +770,7 @@ def test_evaluate_widget(gl_display, make_napari_viewer, volume, shots, monkeypa
     assert result["cremi"] == want["cremi"]
     assert next(v for _, v in widget.rows) == want["voxel"]["pr_auc"]
     assert widget.table.shape == (len(widget.rows), 1)
+    assert not widget.canvas.isHidden()
     assert "raw probability spurious" in viewer.layers
     assert "clefts missed" in viewer.layers
     spurious = viewer.layers["raw probability spurious"]

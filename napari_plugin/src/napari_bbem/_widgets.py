@@ -24,7 +24,16 @@ from magicgui.widgets import (
 from napari.utils.notifications import show_error, show_warning
 
 from bbem.errors import UserError
-from napari_bbem.onrates import OnRates, plot_layer_step, read_on_rates
+from napari_bbem.onrates import (
+    OnRates,
+    beta_of,
+    layer_choices,
+    layer_name,
+    plot_all_layers,
+    plot_layer_step,
+    plot_over_training,
+    read_on_rates,
+)
 from napari_bbem.predict import (
     best_threshold,
     predict_steps,
@@ -232,8 +241,13 @@ class PredictionsWidget(Container):
         )
 
 
+#: What the On-rates figure shows.
+VIEWS = ("layer at a step", "all layers at a step", "layer over training")
+
+
 class OnRatesWidget(Container):
-    """Per-channel on-rate, kept degree and the balance plot of one layer at one logged step."""
+    """A BB run's ``bb.csv``: per-channel on-rate, kept degree and the balance plot of one layer
+    at one logged step; the balance of every layer; one layer's distributions over training."""
 
     def __init__(self, napari_viewer: napari.viewer.Viewer | None = None) -> None:
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
@@ -243,18 +257,26 @@ class OnRatesWidget(Container):
         self.viewer = napari_viewer
         self.data: OnRates | None = None
         self.run_dir = FileEdit(label="run directory", mode=FileDialogMode.EXISTING_DIRECTORY)
+        self.view = ComboBox(label="view", choices=list(VIEWS), value=VIEWS[0])
         self.layer = ComboBox(label="layer", choices=[])
         self.step = Slider(label="step", min=0, max=0, value=0)
         self.status = Label(value="choose a run directory (with bb.csv)")
         self.status.native.setWordWrap(True)
-        self.extend([self.run_dir, self.layer, self.step, self.status])
+        self.hint = Label(
+            value="Choose the run directory of a BB training run: its bb.csv (written every "
+            "logged step) is drawn here, per layer and step."
+        )
+        self.hint.native.setWordWrap(True)
+        self.extend([self.run_dir, self.view, self.layer, self.step, self.status, self.hint])
         self.figure = Figure(figsize=(4.0, 7.0), layout="constrained")
         self.canvas = FigureCanvasQTAgg(self.figure)
         self.canvas.setMinimumHeight(520)
+        self.canvas.setVisible(False)  # the hint, not a big white area, until a run is read
         self.native.layout().addWidget(self.canvas)
         self.run_dir.changed.connect(self.load)
+        self.view.changed.connect(self._layer_changed)
         self.layer.changed.connect(self._layer_changed)
-        self.step.changed.connect(self.draw)
+        self.step.changed.connect(self._step_changed)
 
     def load(self, path: Any = None) -> None:
         """Read ``bb.csv`` of the chosen run directory and draw its last step."""
@@ -263,8 +285,11 @@ class OnRatesWidget(Container):
         except UserError as e:
             self._failed(e)
             return
-        self.layer.choices = self.data.layers
-        self.layer.value = self.data.layers[0]
+        with self.layer.changed.blocked():
+            self.layer.choices = layer_choices(self.data.layers)
+            self.layer.value = self.data.layers[0]
+        self.hint.visible = False
+        self.canvas.setVisible(True)
         self._layer_changed()
 
     def _failed(self, e: BaseException) -> None:
@@ -273,37 +298,73 @@ class OnRatesWidget(Container):
         self.data = None
         with self.layer.changed.blocked(), self.step.changed.blocked():
             self.layer.choices = []
+            self.step.min = 0
             self.step.max = 0
             self.step.value = 0
         self.figure.clear()
         self.canvas.draw_idle()
+        self.canvas.setVisible(False)
+        self.hint.visible = True
         self.status.value = _message(e)
         show_error(f"bbem on-rates: {_message(e)}")
+
+    def logged_steps(self) -> list[int]:
+        """The steps the slider offers: the layer's, or every layer's in the all-layers view."""
+        if self.data is None or self.layer.value is None:
+            return []
+        if self.view.value == VIEWS[1]:
+            return sorted({s for layer in self.data.layers for s in self.data.steps(layer)})
+        return self.data.steps(self.layer.value)
 
     def _layer_changed(self, _value: Any = None) -> None:
         if self.data is None or self.layer.value is None:
             return
-        steps = self.data.steps(self.layer.value)
+        self.layer.tooltip = str(self.layer.value)  # the full module path
+        steps = self.logged_steps()
+        gaps = np.diff(steps)
         with self.step.changed.blocked():
-            self.step.max = len(steps) - 1
-            self.step.value = len(steps) - 1
+            self.step.min, self.step.max = steps[0], max(steps[-1], steps[0] + 1)
+            self.step.step = int(np.gcd.reduce(gaps)) if gaps.size else 1
+            self.step.value = steps[-1]
+        self.step.enabled = self.view.value != VIEWS[2] and len(steps) > 1
+        self.draw()
+
+    def _step_changed(self, _value: Any = None) -> None:
+        """Snap the slider to the nearest logged step (steps need not be evenly spaced)."""
+        steps = self.logged_steps()
+        if steps:
+            nearest = min(steps, key=lambda s: abs(s - int(self.step.value)))
+            if nearest != self.step.value:
+                with self.step.changed.blocked():
+                    self.step.value = nearest
         self.draw()
 
     def draw(self, _value: Any = None) -> None:
-        """Redraw the figure for the chosen layer and step index."""
+        """Redraw the figure for the chosen view, layer and training step."""
         if self.data is None or self.layer.value is None:
             return
+        layer = str(self.layer.value)
+        step = int(self.step.value)
         try:
-            steps = self.data.steps(self.layer.value)
-            step = steps[min(int(self.step.value), len(steps) - 1)]
-            ls = self.data.at(self.layer.value, step)
-            plot_layer_step(self.figure, ls)
+            if self.view.value == VIEWS[1]:
+                plot_all_layers(self.figure, self.data, step)
+                message = f"step {step}: balance of every unit of {len(self.data.layers)} layers"
+            elif self.view.value == VIEWS[2]:
+                plot_over_training(self.figure, self.data, layer)
+                steps = self.data.steps(layer)
+                message = f"{layer_name(layer)}: {len(steps)} logged steps, {steps[0]}-{steps[-1]}"
+            else:
+                ls = self.data.at(layer, step)
+                plot_layer_step(self.figure, ls)
+                beta = beta_of(ls)
+                beta_s = f"{beta:.4g}" if np.isfinite(beta) else "undefined"
+                message = (
+                    f"step {step}: {ls.unit.size} units, mean on-rate {ls.on_rate.mean():.3f}, "
+                    f"density {ls.degree.sum() / ls.full_fan.sum():.3f}, "
+                    f"beta = slope / K = {beta_s}"
+                )
         except UserError as e:
             self._failed(e)
             return
         self.canvas.draw_idle()
-        self.status.value = (
-            f"step {step} ({len(steps)} logged): {ls.unit.size} units, "
-            f"mean on-rate {ls.on_rate.mean():.3f}, density "
-            f"{ls.degree.sum() / ls.full_fan.sum():.3f}"
-        )
+        self.status.value = message
