@@ -148,6 +148,7 @@ def test_reader_inference_output(tmp_path, synth_zarr, tiny_export):
     assert kw["blending"] == "additive"
     assert kw["contrast_limits"] == (0, 255)
     assert kw["metadata"]["bbem_kind"] == "probability"
+    assert kw["metadata"]["threshold"] == 0.5  # the labels' threshold (no validation one)
     assert kw["scale"] == VS
     assert kw["translate"] == (80, 8, 4)
     assert lkw["name"] == "clefts"
@@ -462,6 +463,7 @@ def test_predictions_widget(
         viewer.layers["raw clefts"].data, threshold_clefts(prob.data, 0.5)
     )
     assert "at p >= 0.50" in widget.status.value
+    assert prob.metadata["threshold"] == 0.5  # the slider's threshold travels with the layer
     # outputs are named after their source; a second run replaces them, no "raw clefts [1]"
     names = ["raw", "raw probability", "raw clefts"]
     assert [layer.name for layer in viewer.layers] == names

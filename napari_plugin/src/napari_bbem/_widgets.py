@@ -221,6 +221,8 @@ class PredictionsWidget(Container):
         if self.prob is None or self.source is None:
             return
         clefts = threshold_clefts(self.prob, self.threshold.value)
+        if self.prob_layer is not None:  # travels with the layer: Evaluate and the writer use it
+            self.prob_layer.metadata["threshold"] = float(self.threshold.value)
         n = int(clefts.max())
         source = self.source
         name = f"{source.name} clefts"

@@ -79,6 +79,30 @@ def volume_keys(path: str | os.PathLike) -> list[tuple[str | None, str]]:
     return sorted(found, key=lambda kv: (order[kv[1]], "cleft" in (kv[0] or "")))
 
 
+def saved_threshold(path: Path) -> float | None:
+    """The threshold a zarr prediction carries: the one validation chose (``bbem infer``
+    stores it), else the one its labels were made with, else what napari-bbem's writer saved."""
+    from bbem.metrics.threshold import THRESHOLD_ATTR, stored_threshold
+
+    t = stored_threshold(path)
+    if t is not None or not (path / "zarr.json").is_file():
+        return t
+    import zarr
+
+    try:
+        attrs: dict[str, Any] = dict(zarr.open_group(path, mode="r").attrs)
+    except Exception:  # foreign metadata: no stored threshold
+        return None
+    infer_attrs, writer_attrs = attrs.get(THRESHOLD_ATTR), attrs.get("bbem_layer")
+    for v in (
+        infer_attrs.get("labels_threshold") if isinstance(infer_attrs, dict) else None,
+        writer_attrs.get("threshold") if isinstance(writer_attrs, dict) else None,
+    ):
+        if isinstance(v, (int, float)) and 0 <= v <= 1:
+            return float(v)
+    return None
+
+
 def read_bbem(path: str | os.PathLike) -> list[LayerData]:
     """Every 3D volume of ``path`` as a lazy napari layer (see the module docstring)."""
     p = Path(path)
@@ -88,10 +112,13 @@ def read_bbem(path: str | os.PathLike) -> list[LayerData]:
         vol = levels[0]
         data = [v.to_dask() for v in levels]
         name = _layer_name(p, key)
+        meta: dict[str, Any] = {"bbem_path": str(p), "bbem_key": key, "bbem_kind": kind}
+        if kind == "probability" and (t := saved_threshold(p)) is not None:
+            meta["threshold"] = t  # the Evaluate widget starts from it
         kwargs: dict[str, Any] = {
             "name": name,
             **geometry(vol.voxel_size, vol.offset),
-            "metadata": {"bbem_path": str(p), "bbem_key": key, "bbem_kind": kind},
+            "metadata": meta,
         }
         if len(data) > 1:
             kwargs["multiscale"] = True
