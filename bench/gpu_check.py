@@ -7,7 +7,7 @@
    :mod:`bbem.train`, timed from outside (the task's batch stream and evaluation are wrapped;
    nothing in the loop changes).
 2. Predicts the whole VNC crop with the best checkpoint through
-   :func:`bbem.infer.predict_volume` (the function behind ``bbem infer``), the model on the GPU.
+   :func:`bbem.infer.predict_volume` (the function behind ``bbem infer``) with ``device=cuda``.
 3. Prints one block (GPU, torch/CUDA versions, median ms per training step after warm-up, steps
    done, best validation PR-AUC and its step, inference voxels/s, peak GPU memory of training
    and of inference, wall time) and writes it as ``gpu_check.json`` to ``--out`` or ``$OUT``.
@@ -456,7 +456,6 @@ def infer(
 ) -> None:
     """The best checkpoint over the whole file of the first validation box, on the device."""
     from bbem.infer import predict_volume
-    from bbem.model import load_inference_model
     from bbem.volumes import open_volume
 
     spec = cfg.data.val[0]
@@ -464,17 +463,15 @@ def infer(
     shape = tuple(int(n) for n in open_volume(path, spec.raw_key).shape)
     say(f"inference: {best.name} over {path.name} ({'x'.join(map(str, shape))}) ...")
     reset_peak(torch, cuda)
-    # bbem infer loads a checkpoint path on the CPU; the loaded model is given instead, on the GPU
-    model, _ = load_inference_model(best, device="cuda" if cuda else "cpu")
     t0 = time.perf_counter()
-    stats = predict_volume(
-        model,
+    stats = predict_volume(  # what `bbem infer --device cuda` runs
+        best,
         path,
         work / "prediction.zarr",
         key=spec.raw_key,
-        roi_size=list(cfg.data.patch_size),  # what a checkpoint path would give
         workers=workers,
         on_existing="overwrite",
+        device="cuda" if cuda else "cpu",
         progress=False,
     )
     wall = time.perf_counter() - t0
