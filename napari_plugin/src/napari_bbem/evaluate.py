@@ -108,34 +108,25 @@ def fmt(value: float | None) -> str:
     return "n/a" if value is None or not np.isfinite(value) else f"{value:.4g}"
 
 
+#: :func:`bbem.metrics.plot.draw_pr_curve`'s colours on napari's dark theme
+DARK_PR = {
+    "iso": "#5a5d63",
+    "iso_text": "#8a8d93",
+    "curve": "#4fc3f7",
+    "best": "#ff7043",
+    "marked": "#aed581",
+}
+
+
 def plot_pr(fig: Figure, result: dict[str, Any], title: str = "") -> Figure:
     """The voxel PR curve of ``result`` into ``fig`` (cleared), with the best-F1 point and the
     point at the evaluated threshold; dark-themed."""
-    from bbem.metrics import threshold_level
+    from bbem.metrics.plot import draw_pr_curve
 
     fig.clear()
     ax = fig.add_subplot()
     v = result["voxel"]
-    p = np.asarray(v["curve"]["precision"], dtype=float)
-    r = np.asarray(v["curve"]["recall"], dtype=float)
-    t = np.asarray(v["curve"]["thresholds"], dtype=float)
-    for f in (0.2, 0.4, 0.6, 0.8):
-        rr = np.linspace(f / (2 - f) + 1e-9, 1, 100)
-        ax.plot(rr, f * rr / (2 * rr - f), color="#5a5d63", lw=0.8, zorder=0)
-        ax.annotate(f"F1={f:g}", xy=(0.9, f * 0.9 / (1.8 - f) + 0.01), color="#8a8d93", fontsize=7)
-    auc = v["pr_auc"]
-    ax.plot(r, p, lw=2, color="#4fc3f7", drawstyle="steps-post", label=f"PR-AUC {fmt(auc)}")
-    if len(t):
-        s = p[:-1] + r[:-1]
-        f1 = np.divide(2 * p[:-1] * r[:-1], s, out=np.zeros_like(s), where=s > 0)
-        b = int(np.argmax(f1))
-        ax.plot(r[b], p[b], "o", color="#ff7043", label=f"best F1 {f1[b]:.3f} at t={t[b]:.2f}")
-        thr = float(v["counts_at_threshold"]["threshold"])
-        at = np.flatnonzero(np.rint(t * 255) >= threshold_level(thr))
-        if at.size:
-            i = int(at[0])
-            ax.plot(r[i], p[i], "s", color="#aed581", mfc="none", ms=8, label=f"t={thr:.2f}")
-    ax.set(xlim=(0, 1.01), ylim=(0, 1.01), xlabel="recall", ylabel="precision")
+    draw_pr_curve(ax, v["curve"], float(v["counts_at_threshold"]["threshold"]), colors=DARK_PR)
     ax.set_title(title or "voxel precision-recall", fontsize=9)
     ax.grid(alpha=0.25)
     ax.legend(loc="lower left", fontsize=7)
