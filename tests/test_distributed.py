@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from tiny_em import tiny_config, tiny_volume
+from tiny_em import tiny_config, tiny_volumes
 
 from bbem import distributed as ddp
 from bbem.cli import main as cli_main
@@ -33,10 +33,7 @@ SITE = Path(__file__).resolve().parent / "ddp_site"
 
 @pytest.fixture(scope="module")
 def volumes(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("vols")
-    tiny_volume(d / "train.zarr", 1)
-    tiny_volume(d / "val.zarr", 2)
-    return d
+    return tiny_volumes(tmp_path_factory.mktemp("vols"))
 
 
 def _config(volumes: Path, path: Path, **sections: dict) -> Path:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from tiny_em import tiny_config, tiny_volume
+from tiny_em import tiny_config, tiny_volumes
 
 from bbem.cli import main as cli_main
 from bbem.config import load_config
@@ -25,10 +25,7 @@ from bbem.train import train, validate
 
 @pytest.fixture(scope="module")
 def volumes(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("vols")
-    tiny_volume(d / "train.zarr", 1)
-    tiny_volume(d / "val.zarr", 2)
-    return d
+    return tiny_volumes(tmp_path_factory.mktemp("vols"))
 
 
 def _config(volumes: Path, tmp: Path, **bb: Any) -> Path:

@@ -28,6 +28,13 @@ def tiny_volume(path: Path, seed: int, shape: tuple[int, int, int] = (8, 48, 48)
     return path
 
 
+def tiny_volumes(folder: Path) -> Path:
+    """``folder`` with ``train.zarr`` (seed 1) and ``val.zarr`` (seed 2), as tiny_config reads."""
+    tiny_volume(folder / "train.zarr", 1)
+    tiny_volume(folder / "val.zarr", 2)
+    return folder
+
+
 def tiny_config(
     volumes: Path, path: Path, bb: dict[str, Any] | None = None, **sections: dict[str, Any]
 ) -> Path:
