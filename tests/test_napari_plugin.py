@@ -19,6 +19,7 @@ pytest.importorskip("napari_bbem")
 
 import h5py
 import torch
+from conftest import tree_digest
 from matplotlib.figure import Figure
 from napari_bbem.onrates import plot_layer_step, read_on_rates
 from napari_bbem.predict import best_threshold, predict_array, predict_steps, threshold_clefts
@@ -219,6 +220,20 @@ def test_writer_round_trip_and_evaluate(tmp_path, volume):
     assert got["voxel"] == want["voxel"]
     assert got["object"] == want["object"]
     assert got["protocol"]["voxel_size_nm"] == list(VS)
+
+
+def test_writer_replaces_only_its_own_stores(tmp_path, synth_zarr):
+    from napari_bbem._writer import write_image
+
+    data = np.zeros((4, 8, 8), np.uint8)
+    meta = {"name": "p", "scale": VS}
+    [saved] = write_image(str(tmp_path / "p.zarr"), data, meta)
+    write_image(saved, data + 1, meta)  # its own earlier save: replaced
+    assert int(np.asarray(read_bbem(saved)[0][0]).max()) == 1
+    before = tree_digest(synth_zarr)
+    with pytest.raises(UserError, match="not saved by napari-bbem"):
+        write_image(str(synth_zarr), data, meta)  # a raw volume: never replaced
+    assert tree_digest(synth_zarr) == before
 
 
 def test_reader_tiff(tmp_path):

@@ -25,6 +25,16 @@ def layer_kind(layer_type: str, meta: dict[str, Any]) -> str:
     return "probability" if bbem_kind == "probability" else "image"
 
 
+def saved_by_writer(path: Path) -> bool:
+    """True for a zarr store this writer saved (it carries :data:`LAYER_ATTR`)."""
+    import zarr
+
+    try:
+        return LAYER_ATTR in dict(zarr.open_group(str(path), mode="r").attrs)
+    except Exception:  # not a zarr group (a file, a folder of other things, an array)
+        return False
+
+
 def write_layer(path: str, data: Any, meta: dict[str, Any], layer_type: str) -> list[str]:
     """Write one layer's data (level 0 if multiscale) to ``path`` (``.zarr`` added if missing)."""
     from bbem.volumes import write_volume
@@ -39,6 +49,11 @@ def write_layer(path: str, data: Any, meta: dict[str, Any], layer_type: str) -> 
         raise UserError(f"napari-bbem writes 3D (z, y, x) layers; this one has {ndim} dimensions")
     scale = tuple(float(s) for s in meta.get("scale", (1.0, 1.0, 1.0)))
     translate = tuple(float(t) for t in meta.get("translate", (0.0, 0.0, 0.0)))
+    if p.exists() and not saved_by_writer(p):
+        # never replace what napari-bbem did not write: a raw volume, bbem infer's output, ...
+        raise UserError(
+            f"{p} exists and was not saved by napari-bbem: choose a new name (nothing written)"
+        )
     kind = layer_kind(layer_type, meta)
     name = str(meta.get("name") or p.stem)
     write_volume(p, data, voxel_size=scale, offset=translate, overwrite=True, name=name)
