@@ -421,35 +421,89 @@ def test_local_cluster_equals_threads(export: Path, raw, tmp_path: Path, capsys)
     assert "model loaded once per worker" in summary, summary
 
 
-@pytest.mark.slow
-def test_existing_scheduler_loads_model_once_per_worker(export: Path, raw, tmp_path: Path):
-    from distributed import Client, LocalCluster
+#: the README's worker command line, less the scheduler's address
+WORKER_ARGS = ["--nthreads", "1", "--nworkers", "2", "--preload", "bbem.infer.cluster"]
+
+
+@pytest.fixture
+def dask_cli_cluster(tmp_path: Path):
+    """A ``dask scheduler`` and ``dask worker --nworkers 2`` on 127.0.0.1, started as the README
+    tells a cluster user to; yields the scheduler's address."""
+    from distributed import Client
+
+    dask = Path(sys.executable).with_name("dask")
+    info = tmp_path / "scheduler.json"
+    common: list[str | Path] = ["--host", "127.0.0.1", "--no-dashboard"]
+    procs = [
+        subprocess.Popen(
+            [dask, "scheduler", "--port", "0", "--scheduler-file", info, *common],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    ]
+    try:
+        deadline = time.monotonic() + 60
+        while not info.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        procs.append(
+            subprocess.Popen(
+                [dask, "worker", "--scheduler-file", info, *WORKER_ARGS, *common],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        with Client(scheduler_file=str(info), timeout="30s") as client:
+            client.wait_for_workers(2, timeout=60)
+            yield client.scheduler.address
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def test_existing_scheduler_loads_model_once_per_worker(
+    export: Path, raw, tmp_path: Path, dask_cli_cluster: str
+):
+    from distributed import Client
+
+    from bbem.infer.cluster import WORKER_PRELOAD
 
     path, _ = raw
-    with (
-        LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address=None,
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    with Client(dask_cli_cluster) as client:
+        # --preload bbem.infer.cluster imported the model code before any run
+        ready = client.run(lambda: all(n in sys.modules for n in WORKER_PRELOAD))
         stats = predict_volume(
             export,
             path,
             tmp_path / "d.zarr",
             block=(4, 16, 16),
-            scheduler=cluster.scheduler_address,
+            scheduler=dask_cli_cluster,
             progress=False,
         )
         # the run's state (model, volume, arrays) left the long-lived workers with the run
         left = client.run(lambda dask_worker: [n for n in dask_worker.plugins if "bbem" in n])
+    assert list(ready.values()) == [True, True]
     assert sorted(stats.worker_model_loads.values()) == [1, 1]
     assert all(v == [] for v in left.values()), left
     ref = predict_volume(export, path, tmp_path / "t.zarr", block=(4, 16, 16), progress=False)
     assert np.array_equal(_read(stats.output), _read(ref.output))
+
+
+def test_local_cluster_workers_import_the_model_code_as_they_start():
+    # a block must not pay MONAI's 1.5-2 s import inside the timed run
+    from bbem.infer.cluster import WORKER_PRELOAD, _connect
+
+    client, cluster = _connect("local", 1)
+    try:
+        got = client.run(lambda: sorted(n for n in WORKER_PRELOAD if n in sys.modules))
+    finally:
+        client.close()
+        cluster.close()
+    assert list(got.values()) == [sorted(WORKER_PRELOAD)]
 
 
 def test_unreachable_scheduler_fails_fast(export: Path, raw, tmp_path: Path):
