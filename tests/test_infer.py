@@ -506,6 +506,43 @@ def test_local_cluster_workers_import_the_model_code_as_they_start():
     assert list(got.values()) == [sorted(WORKER_PRELOAD)]
 
 
+_HEAP_PROBE = """
+import ctypes, ctypes.util, sys
+from bbem.infer.cluster import heap_for_torch, heap_for_worker
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+if not hasattr(libc, "mallinfo2"):
+    print("skip"); sys.exit()
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc.mallinfo2.restype = Info
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def mmapped_while_held(n):
+    p = libc.malloc(n)
+    got = libc.mallinfo2().hblkhd
+    libc.free(p)
+    return got
+before = mmapped_while_held(4 << 20)
+assert heap_for_torch()
+during = mmapped_while_held(4 << 20)
+heap_for_worker()
+print(before >= 4 << 20, during < 4 << 20)
+"""
+
+
+def test_dask_worker_heap_is_fit_for_torch():
+    # Dask's nanny sets MALLOC_TRIM_THRESHOLD_, which sends every large allocation to a fresh
+    # mmap (torch at half speed); while a run lasts, a worker serves them from its heap.
+    env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536"}
+    out = subprocess.run(
+        [sys.executable, "-c", _HEAP_PROBE], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
+    if out == ["skip"]:
+        pytest.skip("not glibc >= 2.33 (no mallinfo2)")
+    assert out == ["True", "True"], out
+
+
 def test_unreachable_scheduler_fails_fast(export: Path, raw, tmp_path: Path):
     path, _ = raw
     with socket.socket() as s:  # a port nobody listens on
