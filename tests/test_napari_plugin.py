@@ -23,13 +23,13 @@ from conftest import tree_digest
 from matplotlib.figure import Figure
 from napari_bbem.onrates import plot_layer_step, read_on_rates
 from napari_bbem.predict import best_threshold, predict_array, predict_steps, threshold_clefts
-from napari_bbem.reader import read_bbem, volume_keys
+from napari_bbem.reader import read_bbem
 from scipy import ndimage
 
 from bbem.bb import balance_points
 from bbem.errors import UserError
 from bbem.model import EXPORT_FORMAT, build_model
-from bbem.volumes import write_volumes
+from bbem.volumes import VolumeEntry, list_volumes, write_volumes
 
 TINY = {"channels": [4, 8], "strides": [[1, 2, 2]], "num_res_units": 1}
 VS = (40.0, 4.0, 4.0)
@@ -124,7 +124,10 @@ def test_reader_cremi_hdf5(tmp_path):
             ds.attrs["resolution"] = (40.0, 4.0, 4.0)
             ds.attrs["offset"] = (40.0, 0.0, 8.0)
         f.create_dataset("annotations/ids", data=np.arange(3))  # not a volume
-    assert volume_keys(path) == [("volumes/raw", "image"), ("volumes/labels/clefts", "labels")]
+    assert list_volumes(path) == [
+        VolumeEntry("volumes/raw", "image"),
+        VolumeEntry("volumes/labels/clefts", "labels"),
+    ]
     (r, rkw, rt), (c, ckw, ct) = read_bbem(path)
     assert (rt, ct) == ("image", "labels")
     assert rkw["scale"] == ckw["scale"] == (40.0, 4.0, 4.0)

@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from napari_bbem.reader import LayerData, is_bbem_path, read_bbem
+from bbem.volumes import is_volume_path
+from napari_bbem.reader import LayerData, read_bbem
 
 
 def napari_get_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]] | None:
     """napari calls this with a path; a reader function if it is a bbem container, else None."""
     paths = [path] if isinstance(path, str) else list(path)
-    if not paths or not all(is_bbem_path(p) for p in paths):
+    if not paths or not all(is_volume_path(p) for p in paths):
         return None
     return read_paths
 

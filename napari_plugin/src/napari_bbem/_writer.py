@@ -13,8 +13,9 @@ from typing import Any
 
 from bbem.errors import UserError
 
-#: The root attribute that records the napari layer a store was saved from.
-LAYER_ATTR = "bbem_layer"
+# The root attribute that records the napari layer a store was saved from; bbem.volumes reads
+# its kind back (list_volumes), so the name lives there.
+from bbem.volumes.listing import LAYER_ATTR
 
 
 def layer_kind(layer_type: str, meta: dict[str, Any]) -> str:
