@@ -135,3 +135,11 @@ def test_not_a_container_unreadable_and_empty(tmp_path: Path) -> None:
     zarr.open_group(tmp_path / "empty.zarr", mode="w", zarr_format=3)
     assert is_volume_path(tmp_path / "empty.zarr")
     user_error(tmp_path / "empty.zarr", "holds no 3D volume")
+
+
+def test_broken_member_metadata_is_one_line(tmp_path: Path) -> None:
+    # the root opens; a member's zarr.json is damaged: still one UserError naming the store
+    path = write_volumes(tmp_path / "c.zarr", {"volumes/raw": np.zeros(SHAPE, np.uint8)})
+    member = next(path.rglob("raw/zarr.json"))
+    member.write_text("{not json")
+    user_error(path, "not a readable zarr store")

@@ -20,7 +20,7 @@ from bbem.errors import UserError
 from bbem.volumes.hdf5_io import HDF5_SUFFIXES, list_datasets, open_hdf5_file
 from bbem.volumes.io import open_volume
 from bbem.volumes.tiff_io import TIFF_SUFFIXES
-from bbem.volumes.zarr_io import is_zarr_dir, ome_multiscales, open_zarr_node
+from bbem.volumes.zarr_io import _broken, is_zarr_dir, ome_multiscales, open_zarr_node
 
 Kind = Literal["image", "labels", "probability"]
 KINDS: tuple[Kind, ...] = get_args(Kind)
@@ -149,5 +149,8 @@ def _zarr_entries(path: Path) -> list[VolumeEntry]:
             elif member.ndim == 3:
                 found.append(VolumeEntry(f"{prefix}{name}", _kind(f"{prefix}{name}", member.dtype)))
 
-    walk(root, "")
+    try:
+        walk(root, "")
+    except Exception as e:  # a member's metadata can be as broken as the root's
+        raise _broken(path, e) from e
     return found
