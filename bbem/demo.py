@@ -27,7 +27,7 @@ def run(config: str, run_dir: str, overrides: list[str]) -> dict:
     from bbem.config import load_config
     from bbem.infer import predict_volume
     from bbem.metrics.evaluate import evaluate, print_table, write_json
-    from bbem.model import load_checkpoint
+    from bbem.model import load_checkpoint, validation_threshold
     from bbem.synth import write_synthetic
     from bbem.train import train
     from bbem.volumes import open_volume
@@ -54,7 +54,8 @@ def run(config: str, run_dir: str, overrides: list[str]) -> dict:
     truth = open_volume(TEST_VOLUME, key="volumes/labels/clefts")
     # the threshold is chosen on validation (best.pt) and applied unchanged to the test volume
     ck = load_checkpoint(rd / "checkpoints/best.pt")
-    t_val = float(ck["metrics"].get("threshold_best", 0.5))
+    t_val = validation_threshold(ck)
+    t_val = 0.5 if t_val is None else t_val
     scores = evaluate(open_volume(pred), truth, voxel_size=truth.voxel_size, threshold=t_val)
     f1_val = f1_at(scores["voxel"]["curve"], t_val)
     write_json(scores, rd / "test_evaluation.json")

@@ -116,6 +116,20 @@ def load_inference_model(
     return model.to(device).eval(), info
 
 
+def validation_threshold(data: Mapping[str, Any]) -> float | None:
+    """The threshold of best validation F1 recorded with a model, or None.
+
+    ``data``: a loaded training checkpoint (its ``metrics``), an export (``info["metrics"]``),
+    or the info :func:`load_inference_model` returns (``metrics``). Training writes
+    ``threshold_best`` with every evaluation; a value outside [0, 1] counts as absent.
+    """
+    metrics = data.get("metrics") or (data.get("info") or {}).get("metrics") or {}
+    t = metrics.get("threshold_best")
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
+        return None
+    return float(t)
+
+
 def _load_state(model: nn.Module, state: Mapping[str, Any], path: str | os.PathLike) -> None:
     try:
         model.load_state_dict(state)

@@ -743,3 +743,14 @@ def test_labels_drop_objects_smaller_than_min_size(tmp_path, export, raw):
     kept = sizes(20)
     assert kept.min() >= 20
     assert sorted(kept) == sorted(everything[everything >= 20])
+
+
+def test_validation_threshold_one_rule():
+    from bbem.model import validation_threshold
+
+    assert validation_threshold({"metrics": {"threshold_best": 0.42}}) == 0.42  # checkpoint
+    assert validation_threshold({"info": {"metrics": {"threshold_best": 0.3}}}) == 0.3  # export
+    assert validation_threshold({"metrics": {}, "info": {"metrics": {"threshold_best": 1}}}) == 1
+    for bad in (None, -0.1, 1.5, True, "0.5"):
+        assert validation_threshold({"metrics": {"threshold_best": bad}}) is None
+    assert validation_threshold({}) is None

@@ -22,12 +22,13 @@ import torch
 from conftest import tree_digest
 from matplotlib.figure import Figure
 from napari_bbem.onrates import plot_layer_step, read_on_rates
-from napari_bbem.predict import best_threshold, predict_array, predict_steps, threshold_clefts
+from napari_bbem.predict import best_threshold, threshold_clefts
 from napari_bbem.reader import read_bbem
 from scipy import ndimage
 
 from bbem.bb import balance_points
 from bbem.errors import UserError
+from bbem.infer import predict_array, predict_steps
 from bbem.model import EXPORT_FORMAT, build_model
 from bbem.volumes import VolumeEntry, list_volumes, write_volumes
 

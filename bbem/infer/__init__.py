@@ -5,6 +5,7 @@
 - :mod:`~bbem.infer.region`: the network over one region (MONAI's Gaussian-blended windows,
   test-time flips);
 - :mod:`~bbem.infer.predict`: :func:`predict_volume`, the whole run, and ``bbem infer``;
+- :mod:`~bbem.infer.array`: :func:`predict_array`, a volume held in memory (napari-bbem);
 - :mod:`~bbem.infer.store`: the output, its lock, the ``.partial`` store and its run record
   (what makes ``--resume`` exact);
 - :mod:`~bbem.infer.worker`: one block, and what a worker keeps open during a run;
@@ -12,6 +13,7 @@
   an existing ``tcp://`` scheduler.
 """
 
+from bbem.infer.array import MAX_VOXELS, predict_array, predict_steps
 from bbem.infer.plan import DEFAULT_BLOCK, DEFAULT_ROI, Plan, halo_cost, make_plan
 from bbem.infer.predict import (
     DEFAULT_MIN_SIZE,
@@ -27,6 +29,7 @@ __all__ = [
     "DEFAULT_BLOCK",
     "DEFAULT_MIN_SIZE",
     "DEFAULT_ROI",
+    "MAX_VOXELS",
     "InferStats",
     "OnExisting",
     "Plan",
@@ -34,9 +37,11 @@ __all__ = [
     "infer_from_cli",
     "make_plan",
     "model_factor",
+    "predict_array",
     "predict_block",
     "predict_blocks",
     "predict_region",
+    "predict_steps",
     "predict_volume",
     "resolve_threshold",
 ]

@@ -71,7 +71,9 @@ def resolve_threshold(threshold: float | str | None, info: Mapping[str, Any]) ->
     if threshold is None:
         return None
     if str(threshold) == "val":
-        t = (info.get("metrics") or {}).get("threshold_best")
+        from bbem.model import validation_threshold
+
+        t = validation_threshold(info)
         if t is None:
             raise UserError(
                 "--threshold val needs a training checkpoint (or its export) that recorded a "
@@ -126,7 +128,7 @@ def predict_volume(
     summary line on stdout.
     """
     from bbem.engine import pick_device
-    from bbem.model import load_inference_model
+    from bbem.model import load_inference_model, validation_threshold
 
     store.check_on_existing(on_existing)
     dev = str(pick_device(device, what="--device"))
@@ -189,7 +191,7 @@ def predict_volume(
                 prob_path, label_path, complete = store.prepare_work(
                     work, output, manifest, vol, plan, labels=t is not None, resume=resume
                 )
-                tv = (info.get("metrics") or {}).get("threshold_best")
+                tv = validation_threshold(info)
                 store.record_thresholds(work, tv, t, int(min_size))
                 job = BlockJob(
                     input=input_s,
