@@ -17,6 +17,7 @@ from scipy import ndimage
 
 from bbem.errors import UserError
 from bbem.infer import make_plan, predict_volume, store
+from bbem.metrics.threshold import threshold_level
 from bbem.model import CHECKPOINT_FORMAT, EXPORT_FORMAT, build_model, load_inference_model
 from bbem.volumes import normalize_raw, open_volume
 
@@ -96,6 +97,20 @@ def _whole_volume(model, data: np.ndarray, roi=ROI, halo=HALO, tta=False) -> np.
         )[0, 0].numpy()
     torch.set_num_threads(threads)
     return np.clip(np.rint(p * 255), 0, 255).astype(np.uint8)
+
+
+def _instances(mask: np.ndarray, min_size: int) -> np.ndarray:
+    """Oracle on the whole volume: cc3d 26-components, those under min_size dusted, numbered
+    1..n in the z-y-x scan order of their first voxel (bbem infer's labels)."""
+    import cc3d
+
+    kept = cc3d.dust(mask, threshold=min_size, connectivity=26) if min_size else mask
+    lab = cc3d.connected_components(kept, connectivity=26).astype(np.int64).ravel()
+    at = np.flatnonzero(lab)
+    ids, first = np.unique(lab[at], return_index=True)
+    lut = np.zeros(int(lab.max()) + 1, np.int64)
+    lut[ids[np.argsort(at[first])]] = np.arange(1, ids.size + 1)
+    return lut[lab].reshape(mask.shape)
 
 
 def _max_diff(a: np.ndarray, b: np.ndarray) -> int:
@@ -196,11 +211,14 @@ def test_tta_and_threshold(export: Path, raw, tmp_path: Path):
     assert _max_diff(prob, _whole_volume(model, data, tta=True)) <= 1
     assert _max_diff(prob, _whole_volume(model, data)) > 1  # the flips do change the result
     labels = _read(out / "labels" / "clefts")
-    assert labels.dtype == np.uint8
-    assert set(np.unique(labels)) <= {0, 1}
-    # bbem's one rule on the stored levels: 0.5 is level 128
-    assert np.array_equal(labels, (prob >= 128).astype(np.uint8))
-    assert 0 < labels.mean() < 1
+    assert labels.dtype == np.uint32
+    # bbem's one rule on the stored levels: 0.5 is level 128; the default min_size drops clefts
+    mask = _instances(prob >= 128, 100)
+    assert np.array_equal(labels > 0, mask > 0)
+    assert 0 < (labels > 0).mean() < 1
+    # cleft instances: 26-connected components numbered 1..n by their first voxel
+    assert np.array_equal(labels, mask)
+    assert set(np.unique(labels)) == set(range(int(labels.max()) + 1))
 
 
 def test_threshold_val_uses_the_checkpoints_validation_threshold(raw, tmp_path: Path):
@@ -213,7 +231,8 @@ def test_threshold_val_uses_the_checkpoints_validation_threshold(raw, tmp_path: 
     torch.save(payload, ck)
     out = predict_volume(ck, path, tmp_path / "v.zarr", threshold="val", progress=False).output
     prob, labels = _read(out), _read(out / "labels" / "clefts")
-    assert np.array_equal(labels, prob >= 133)  # 0.52 * 255 = 132.6: level 133 and above
+    # 0.52 * 255 = 132.6: level 133 and above
+    assert np.array_equal(labels > 0, _instances(prob >= 133, 100) > 0)
     # An export without a recorded threshold, or a bad value: one line, nothing written.
     bare = _save_export(tmp_path / "bare.pt", TINY, state)
     with pytest.raises(UserError, match="--threshold val needs a training checkpoint"):
@@ -232,6 +251,10 @@ def test_tiff_output(export: Path, raw, tmp_path: Path):
     assert t.is_file()
     assert (tmp_path / "p_clefts.tif").is_file()
     assert np.array_equal(_read(t), _read(z))
+    clefts = _read(tmp_path / "p_clefts.tif")  # the cleft ids, as a zarr output holds them
+    assert clefts.dtype == np.uint32
+    assert np.array_equal(clefts, _instances(_read(t) >= 128, 100))
+    assert clefts.max() >= 1
     assert not list(tmp_path.glob("p.tif.partial*"))
 
 
@@ -370,32 +393,140 @@ def test_resume_after_sigkill_equals_uninterrupted(export: Path, tmp_path: Path,
     assert not done.parent.exists()
 
 
-def test_resume_of_a_run_killed_while_finishing(export: Path, raw, tmp_path: Path, monkeypatch):
-    """Killed after the markers went but before the rename: resume renames, computes nothing."""
+@pytest.mark.parametrize("where", ["rename", "labelling"])
+def test_resume_of_a_run_killed_while_finishing(
+    export: Path, raw, tmp_path: Path, monkeypatch, where
+):
+    """Killed after the markers went but before the rename, or while numbering the clefts (some
+    slabs written with ids, the rest still 0/1): resume finishes, computes nothing, and ends
+    with the labels of an uninterrupted run."""
+    from bbem.metrics import objects
+
     path, _ = raw
     out = tmp_path / "f.zarr"
+    block = (4, 16, 16)  # 2 slabs of 4 sections for the numbering
+    prob = _read(predict_volume(export, path, tmp_path / "p.zarr", progress=False).output)
+    t = float(np.quantile(prob, 0.9)) / 255  # many clefts, many under min_size
+    args = dict(block=block, threshold=t, min_size=20, progress=False)
 
-    real_replace = os.replace
+    real_replace, real_label = os.replace, objects.label_objects
 
     def killed(src, dst):  # the process "dies" at the final rename, and only there
         if Path(dst) == out:
             raise KeyboardInterrupt
         real_replace(src, dst)
 
-    monkeypatch.setattr(os, "replace", killed)
+    class Dies:
+        """The label array, lost after its first slab is written."""
+
+        def __init__(self, a) -> None:
+            self.a, self.writes = a, 1
+            self.shape, self.dtype = a.shape, a.dtype
+
+        def __getitem__(self, k):
+            return self.a[k]
+
+        def __setitem__(self, k, v):
+            if not self.writes:
+                raise KeyboardInterrupt
+            self.writes -= 1
+            self.a[k] = v
+
+    def killed_labelling(mask, out=None, **kw):
+        return real_label(Dies(mask), None if out is None else Dies(out), **kw)
+
+    if where == "rename":
+        monkeypatch.setattr(os, "replace", killed)
+    else:
+        monkeypatch.setattr(objects, "label_objects", killed_labelling)
     with pytest.raises(KeyboardInterrupt):
-        predict_volume(export, path, out, progress=False)
+        predict_volume(export, path, out, **args)
     monkeypatch.undo()
     work = tmp_path / "f.zarr.partial"
-    assert not (work / ".bbem_done").exists()
+    assert (work / ".bbem_done").exists() == (where == "labelling")
     assert not out.exists()
-    stats = predict_volume(export, path, out, on_existing="resume", progress=False)
+    left = open_volume(work / "labels" / "clefts").read()
+    ref = predict_volume(export, path, tmp_path / "g.zarr", **args).output
+    ids = _read(ref / "labels" / "clefts")
+    if where == "labelling":  # part numbered, part 0/1, and small clefts still there
+        assert 1 < left.max() < ids.max()
+        assert (left[:4] == ids[:4]).all()
+        assert ((left[4:] > 0) != (ids[4:] > 0)).any()
+    stats = predict_volume(export, path, out, on_existing="resume", **args)
     assert stats.blocks_done == 0  # none recomputed
     assert stats.blocks_skipped == stats.blocks_total
     assert out.is_dir()
     assert not work.exists()
-    ref = predict_volume(export, path, tmp_path / "g.zarr", progress=False)
-    assert np.array_equal(_read(out), _read(ref.output))
+    assert np.array_equal(_read(out), _read(ref))
+    assert np.array_equal(_read(out / "labels" / "clefts"), ids)
+    assert np.array_equal(ids, _instances(_read(ref) >= threshold_level(t), 20))
+    assert ids.max() > 1
+
+
+def test_resume_of_a_partial_with_binary_labels_is_refused(export: Path, raw, tmp_path: Path):
+    """A .partial from an older bbem (uint8 0/1 labels) is refused with one line, kept as is."""
+    import zarr
+
+    path, _ = raw
+    out = tmp_path / "o.zarr"
+    work = tmp_path / "o.zarr.partial"
+    plan = make_plan((8, 48, 40), (1, 4, 4), block=(4, 16, 16), roi=ROI)
+    store.prepare_work(
+        work,
+        out,
+        store.build_manifest(str(export), str(path), None, plan, False, 0.5, 100),
+        open_volume(str(path)),
+        plan,
+        labels=True,
+        resume=False,
+    )
+    zarr.create_array(
+        work / "labels" / "clefts" / "0",
+        shape=plan.shape,
+        dtype="uint8",
+        chunks=plan.block,
+        overwrite=True,
+    )
+    store.mark_done(work, (0, 0, 0))
+    with pytest.raises(UserError, match=r"older bbem.*uint8 0/1 labels.*--overwrite"):
+        predict_volume(
+            export,
+            path,
+            out,
+            block=(4, 16, 16),
+            threshold=0.5,
+            on_existing="resume",
+            progress=False,
+        )
+    assert work.is_dir()
+    predict_volume(
+        export,
+        path,
+        out,
+        block=(4, 16, 16),
+        threshold=0.5,
+        on_existing="overwrite",
+        progress=False,
+    )
+    assert _read(out / "labels" / "clefts").dtype == np.uint32
+    # a finished output of an older bbem: --resume does not call its 0/1 labels complete
+    zarr.create_array(
+        out / "labels" / "clefts" / "0",
+        shape=plan.shape,
+        dtype="uint8",
+        chunks=plan.block,
+        overwrite=True,
+    )
+    with pytest.raises(UserError, match=r"older bbem.*uint8 0/1.*--overwrite"):
+        predict_volume(
+            export,
+            path,
+            out,
+            block=(4, 16, 16),
+            threshold=0.5,
+            on_existing="resume",
+            progress=False,
+        )
 
 
 # -- Dask ---------------------------------------------------------------------------------------
@@ -734,6 +865,8 @@ def test_labels_drop_objects_smaller_than_min_size(tmp_path, export, raw):
             export, raw[0], out, threshold=t, min_size=min_size, block=(4, 16, 16), progress=False
         )
         lab = open_volume(out / "labels" / "clefts").read()
+        # the cleft instances of the whole volume, numbered 1..n by first voxel
+        assert np.array_equal(lab, _instances(_read(out) >= threshold_level(t), min_size))
         return np.asarray(cc3d.statistics(cc3d.connected_components(lab > 0))["voxel_counts"][1:])
 
     everything = sizes(0)

@@ -530,16 +530,109 @@ def test_cremi_property_any_slab_depth(seed, depth, vs, density):
         assert r["adf"]["median"] == pytest.approx(np.median(ref["adf"]))
 
 
-@pytest.mark.parametrize("slab", [1, 3, 7])
-def test_remove_small_objects_matches_cc3d_dust(rng, slab):
+def _instances_oracle(mask: np.ndarray, min_size: int) -> np.ndarray:
+    """The whole volume at once: cc3d's 26-components, small ones dusted, then numbered 1..n in
+    the z-y-x scan order of their first voxel (label_objects' documented numbering)."""
     import cc3d
 
-    from bbem.metrics.objects import remove_small_objects
+    kept = cc3d.dust(mask != 0, threshold=min_size, connectivity=26) if min_size else mask != 0
+    lab = cc3d.connected_components(kept, connectivity=26).astype(np.int64).ravel()
+    at = np.flatnonzero(lab)
+    ids, first = np.unique(lab[at], return_index=True)
+    lut = np.zeros(int(lab.max()) + 1, np.int64)
+    lut[ids[np.argsort(at[first])]] = np.arange(1, ids.size + 1)
+    return lut[lab].reshape(mask.shape)
 
-    for _ in range(5):
-        m = (rng.random((13, 24, 20)) < 0.3).astype(np.uint8)
-        want = cc3d.dust(m.astype(bool), threshold=6, connectivity=26)
-        got = m.copy()
-        kept, removed = remove_small_objects(got, 6, 26, slab=slab)
-        assert np.array_equal(got != 0, want)
-        assert kept + removed == cc3d.connected_components(m, connectivity=26).max()
+
+@pytest.mark.parametrize("slab", [1, 3, 7, 13, 40])
+def test_label_objects_matches_cc3d_dust_and_numbers_by_first_voxel(rng, slab):
+    import cc3d
+
+    from bbem.metrics import label_objects
+
+    for density in (0.05, 0.3):
+        for min_size in (0, 6):
+            m = (rng.random((13, 24, 20)) < density).astype(np.uint8)
+            want = _instances_oracle(m, min_size)
+            got = np.zeros(m.shape, np.uint32)
+            n = label_objects(m, got, min_size=min_size, slab=slab)
+            assert np.array_equal(got, want)
+            assert n == want.max()
+            assert set(np.unique(got)) == set(range(n + 1))  # consecutive, background 0
+            # the same partition as cc3d's own numbering, small components gone
+            ref = cc3d.connected_components(
+                cc3d.dust(m.astype(bool), threshold=min_size, connectivity=26), connectivity=26
+            )
+            pairs = np.unique(np.stack([got[got > 0], ref[got > 0]]), axis=1)
+            assert pairs.shape[1] == n == ref.max()
+            # in place, on a uint32 mask: the same ids
+            inplace = m.astype(np.uint32)
+            assert label_objects(inplace, min_size=min_size, slab=slab) == n
+            assert np.array_equal(inplace, want)
+
+
+def test_label_objects_joins_across_slabs_and_diagonals():
+    from bbem.metrics import label_objects
+
+    m = np.zeros((9, 6, 6), np.uint8)
+    m[0:9, 1, 1] = 1  # one column through every slab
+    m[4, 4, 4] = 1  # touches the next only at a corner: 26-connected, one object
+    m[5, 5, 5] = 1
+    m[8, 5, 0] = 1  # alone, and last in scan order
+    m[0, 0, 5] = 1  # alone, and first in scan order: (0, 0, 5) comes before (0, 1, 1)
+    for slab in (1, 2, 4, 9):
+        got = np.zeros(m.shape, np.uint32)
+        assert label_objects(m, got, slab=slab) == 4
+        assert got[0, 0, 5] == 1
+        assert set(got[0:9, 1, 1].tolist()) == {2}
+        assert got[4, 4, 4] == got[5, 5, 5] == 3
+        assert got[8, 5, 0] == 4
+        assert (got[m == 0] == 0).all()
+        got = np.zeros(m.shape, np.uint32)
+        assert label_objects(m, got, min_size=2, slab=slab) == 2  # the single voxels go
+        assert got[0, 0, 5] == got[8, 5, 0] == 0
+        assert got[0, 1, 1] == 1
+        assert got[4, 4, 4] == 2
+    # 6-connectivity: the diagonal pair is two objects
+    got = np.zeros(m.shape, np.uint32)
+    assert label_objects(m, got, connectivity=6, slab=2) == 5
+    assert got[4, 4, 4] == 3
+    assert got[5, 5, 5] == 4
+    # 300 objects do not fit uint8 ids: refused, not wrapped around
+    stripes = np.broadcast_to((np.arange(600) % 2).astype(np.uint8)[None, :, None], (1, 600, 2))
+    with pytest.raises(ValueError, match="fit"):
+        label_objects(stripes, np.zeros(stripes.shape, np.uint8))
+
+
+def test_label_objects_interrupted_in_place_and_run_again_gives_the_same_ids(rng):
+    """A finish killed while writing ids (some slabs numbered, some still 0/1, small objects
+    partly cleared) and run again ends with the ids an uninterrupted run writes."""
+    from bbem.metrics import label_objects
+
+    m = (rng.random((12, 20, 20)) < 0.15).astype(np.uint32)
+    want = _instances_oracle(m, 4)
+    assert want.max() > 1
+    assert (want[m > 0] == 0).any()
+
+    class Dies:
+        def __init__(self, a: np.ndarray, writes: int) -> None:
+            self.a, self.writes = a, writes
+            self.shape, self.dtype = a.shape, a.dtype
+
+        def __getitem__(self, k):
+            return self.a[k]
+
+        def __setitem__(self, k, v):
+            if not self.writes:
+                raise KeyboardInterrupt
+            self.writes -= 1
+            self.a[k] = v
+
+    for writes in range(1, 4):
+        a = m.copy()
+        with pytest.raises(KeyboardInterrupt):
+            label_objects(Dies(a, writes), min_size=4, slab=3)
+        assert not np.array_equal(a, m)
+        assert not np.array_equal(a, want)
+        label_objects(a, min_size=4, slab=5)  # another slab, even
+        assert np.array_equal(a, want)

@@ -90,7 +90,9 @@ def test_infer_evaluate_and_plugin_agree(prob_volume, tmp_path, t):
         progress=False,
     ).output
     levels = open_volume(out).read()
-    labels = open_volume(out / "labels" / "clefts").read().astype(bool)
+    ids = open_volume(out / "labels" / "clefts").read()
+    assert ids.dtype == np.uint32
+    labels = ids > 0
     assert np.array_equal(levels, to_uint8(probs))  # the echo network stored what we chose
     # infer: the rule on the stored levels, not on the float probabilities
     assert np.array_equal(labels, levels >= threshold_level(t))
@@ -113,7 +115,60 @@ def test_infer_evaluate_and_plugin_agree(prob_volume, tmp_path, t):
         if n_objects:
             assert r["object"]["iou_0.5"]["f1"] == 1.0
     # napari: the viewer's clefts are the same voxels, from levels or from probabilities
+    assert ids.max() == n_objects
     for pred in (levels, probs):
         clefts = threshold_clefts(pred, t)
         assert np.array_equal(clefts > 0, labels)
         assert clefts.max() == n_objects
+        assert np.array_equal(clefts, ids)  # the same cleft ids as well
+
+
+def _first_voxel_instances(mask: np.ndarray, min_size: int) -> np.ndarray:
+    """Oracle on the whole volume: cc3d 26-components, those under min_size dusted, numbered
+    1..n in the z-y-x scan order of their first voxel."""
+    kept = cc3d.dust(mask, threshold=min_size, connectivity=26) if min_size else mask
+    lab = cc3d.connected_components(kept, connectivity=26).astype(np.int64).ravel()
+    at = np.flatnonzero(lab)
+    ids, first = np.unique(lab[at], return_index=True)
+    lut = np.zeros(int(lab.max()) + 1, np.int64)
+    lut[ids[np.argsort(at[first])]] = np.arange(1, ids.size + 1)
+    return lut[lab].reshape(mask.shape)
+
+
+def test_infer_labels_are_cleft_instances_whatever_the_block(tmp_path):
+    """bbem infer's labels: 26-connected components of the thresholded levels, numbered 1..n by
+    first voxel, small ones dropped, the same ids for any block size and in napari."""
+    from scipy import ndimage
+
+    threshold_clefts = pytest.importorskip("napari_bbem.predict").threshold_clefts
+    rng = np.random.default_rng(3)
+    smooth = ndimage.gaussian_filter(rng.normal(size=(12, 40, 36)), sigma=(0.8, 2.0, 2.0))
+    probs = ((smooth - smooth.min()) / np.ptp(smooth)).astype(np.float32)
+    path = write_volume(tmp_path / "p.zarr", probs)
+    t, min_size = 0.62, 8
+    mask = to_uint8(probs) >= threshold_level(t)
+    want = _first_voxel_instances(mask, min_size)
+    everything = cc3d.connected_components(mask, connectivity=26)
+    sizes = np.bincount(everything.ravel())[1:]
+    # the test can fail: many clefts, some too small, some spanning blocks in z, y and x
+    assert want.max() >= 5
+    assert (sizes < min_size).any()
+    got = {}
+    for block in ((2, 8, 8), (4, 16, 12), (6, 24, 36)):
+        out = predict_volume(
+            _Echo(),
+            path,
+            tmp_path / f"o{block[0]}.zarr",
+            roi_size=(2, 8, 8),
+            block=block,
+            threshold=t,
+            min_size=min_size,
+            progress=False,
+        ).output
+        assert np.array_equal(open_volume(out).read(), to_uint8(probs))
+        got[block] = open_volume(out / "labels" / "clefts").read()
+        assert got[block].dtype == np.uint32
+        assert np.array_equal(got[block], want), block
+    spans = [i for i in range(1, want.max() + 1) if np.ptp(np.nonzero(want == i)[0]) >= 4]
+    assert spans  # a cleft over 3+ sections: several blocks of 2 sections, one id
+    assert np.array_equal(threshold_clefts(probs, t, min_size=min_size), want)

@@ -49,6 +49,8 @@ MANIFEST_VERSION = 2
 LABEL_NAME = "clefts"
 #: The full-resolution array of an OME-Zarr image group (as bbem.volumes writes it).
 LEVEL0 = "0"
+#: Cleft instance ids 1..n (0: background), as CREMI's cleft labels and napari-bbem's.
+LABEL_DTYPE = np.uint32
 
 
 def is_tiff(path: Path) -> bool:
@@ -169,7 +171,8 @@ def _mismatch(old: Mapping[str, Any], new: Mapping[str, Any]) -> str | None:
     keys = sorted(
         k
         for k in set(old) | set(new)
-        if k not in ("complete", "small_removed") and old.get(k) != new.get(k)
+        # progress flags, not settings ("small_removed": the records of an older bbem)
+        if k not in ("complete", "labelled", "small_removed") and old.get(k) != new.get(k)
     )
     if not keys:
         return None
@@ -196,6 +199,16 @@ def check_finished(output: Path, manifest: Mapping[str, Any]) -> None:
     diff = _mismatch(old, manifest)
     if diff is not None:
         raise UserError(f"{output} was made {diff}: {fix}")
+    labels = output / "labels" / LABEL_NAME / LEVEL0
+    if manifest.get("threshold") is not None and labels.is_dir():
+        import zarr
+
+        dtype = np.dtype(zarr.open_array(labels, mode="r").dtype)
+        if dtype != LABEL_DTYPE:
+            raise UserError(
+                f"{output} was made by an older bbem, whose labels are {dtype} 0/1, not "
+                f"{np.dtype(LABEL_DTYPE)} cleft ids: {fix}"
+            )
 
 
 def resume_record(work: Path, output: Path, manifest: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -258,7 +271,7 @@ def prepare_work(
     resume: bool,
 ) -> tuple[str, str | None, bool]:
     """Create (or, resuming, check) the .partial store: a uint8 OME-Zarr image of ``plan.shape``
-    (z, y, x) chunked by ``plan.block``, with ``labels/clefts`` when ``labels``.
+    (z, y, x) chunked by ``plan.block``, with ``labels/clefts`` (uint32) when ``labels``.
 
     Returns the probability and label array paths, and whether every block was already done
     (a run killed while finishing).
@@ -270,6 +283,10 @@ def prepare_work(
     label_path = None if label_group is None else label_group / LEVEL0
     old = resume_record(work, output, manifest) if resume else None
     if old is not None:
+        if label_path is not None:
+            import zarr
+
+            _check_label_dtype(zarr.open_array(label_path, mode="r").dtype, work, output)
         complete = bool(old.get("complete"))
         return str(prob_path), None if label_path is None else str(label_path), complete
     # No manifest: nothing usable was written (it is the last thing setup writes).
@@ -280,7 +297,7 @@ def prepare_work(
     if label_group is not None:
         import zarr
 
-        create_ome_zarr(label_group, plan.shape, np.uint8, name=LABEL_NAME, **common)
+        create_ome_zarr(label_group, plan.shape, LABEL_DTYPE, name=LABEL_NAME, **common)
         # OME-Zarr labels: the image group lists its label images; each names its source image.
         zarr.open_group(work / "labels", mode="a").attrs.update(
             {"ome": {"version": "0.5", "labels": [LABEL_NAME]}}
@@ -295,6 +312,15 @@ def prepare_work(
     return str(prob_path), None if label_path is None else str(label_path), False
 
 
+def _check_label_dtype(dtype: Any, work: Path, output: Path) -> None:
+    """Refuse a work store whose labels are not instance ids (an older bbem wrote uint8 0/1)."""
+    if np.dtype(dtype) != LABEL_DTYPE:
+        raise UserError(
+            f"{work} was started by an older bbem, which wrote {np.dtype(dtype)} 0/1 labels, "
+            f"not {np.dtype(LABEL_DTYPE)} cleft ids: pass --overwrite to start {output} again"
+        )
+
+
 def record_thresholds(
     work: Path, validation: float | None, labels: float | None, min_size: int
 ) -> None:
@@ -305,20 +331,24 @@ def record_thresholds(
 
 
 def finish(work: Path, output: Path, plan: Plan, label_path: str | None, min_size: int = 0) -> None:
-    """Drop the markers and rename; a tiff output is written from the finished store.
+    """Number the labels, drop the markers and rename; a tiff output is written from the store.
 
+    Blocks write their labels as 0/1: a cleft spans blocks, so it gets its instance id only
+    here, once every block is done (:func:`bbem.metrics.label_objects`, in place, guarded by
+    the manifest's ``labelled``: it gives the same ids when a killed finish runs again).
     A zarr output keeps the run record (:data:`MANIFEST`, marked complete) inside it.
     """
     man_path = work / MANIFEST
     man = json.loads(man_path.read_text())
-    if label_path is not None and min_size > 0 and not man.get("small_removed"):
+    if label_path is not None and not man.get("labelled"):
         import zarr
 
-        from bbem.metrics.objects import remove_small_objects
+        from bbem.metrics.objects import label_objects
 
-        # Blocks label voxels independently; objects are whole only once every block is done.
-        remove_small_objects(zarr.open_array(label_path, mode="r+"), min_size, slab=plan.block[0])
-        man["small_removed"] = True
+        labels = zarr.open_array(label_path, mode="r+")
+        _check_label_dtype(labels.dtype, work, output)
+        label_objects(labels, min_size=min_size, slab=plan.block[0])
+        man["labelled"] = True
         write_json(man, man_path)
     man["complete"] = True
     write_json(man, man_path)

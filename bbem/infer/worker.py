@@ -15,7 +15,7 @@ from typing import Any
 
 from bbem.infer.plan import ZYX, Plan
 from bbem.infer.region import predict_block
-from bbem.infer.store import mark_done
+from bbem.infer.store import LABEL_DTYPE, mark_done
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,8 @@ def run_block(res: BlockResources, index: ZYX) -> BlockResult:
     """Predict, write and mark block ``index`` of ``res.job``.
 
     Writes the block's uint8 levels (``rint(255 p)``) and, with a threshold, its labels:
-    :func:`bbem.metrics.binarize` of those levels, the rule ``bbem evaluate`` and napari use.
+    :func:`bbem.metrics.binarize` of those levels, the rule ``bbem evaluate`` and napari use,
+    as 0/1 (a cleft spans blocks: :func:`bbem.infer.store.finish` numbers them once all are done).
     """
     from bbem.metrics import binarize, to_uint8
 
@@ -99,7 +100,7 @@ def run_block(res: BlockResources, index: ZYX) -> BlockResult:
     levels = to_uint8(prob)
     res.array(job.prob_path)[own] = levels
     if job.label_path is not None and job.threshold is not None:
-        res.array(job.label_path)[own] = binarize(levels, job.threshold).view("uint8")
+        res.array(job.label_path)[own] = binarize(levels, job.threshold).astype(LABEL_DTYPE)
     # The marker comes last: a block killed before this line is simply redone on --resume.
     mark_done(job.work, index)
     return BlockResult(index, int(levels.size), int(loaded))

@@ -9,7 +9,7 @@ Everything streams over volumes of any size::
 
 from bbem.metrics.cremi import CremiDistances
 from bbem.metrics.evaluate import evaluate, evaluate_from_cli, print_table, write_json
-from bbem.metrics.objects import Objects, Overlaps, match, object_metrics
+from bbem.metrics.objects import Objects, Overlaps, label_objects, match, object_metrics
 from bbem.metrics.plot import plot_pr_curve, save_figure
 from bbem.metrics.threshold import binarize, threshold_level
 from bbem.metrics.voxel import (
@@ -32,6 +32,7 @@ __all__ = [
     "cleft_mask",
     "evaluate",
     "evaluate_from_cli",
+    "label_objects",
     "match",
     "object_metrics",
     "plot_pr_curve",

@@ -4,7 +4,8 @@ A volume is processed as z-slabs of whole sections. Each slab is labelled with c
 touch across a slab face are joined afterwards with a union-find (scipy's graph components), so
 the components are exactly those of the whole volume while only one slab is in memory. Per
 component we keep its size, coordinate sum (for the centroid) and its overlaps with truth
-instances; matching then needs no voxels at all.
+instances; matching then needs no voxels at all. :func:`label_objects` writes the same
+components out as instance ids (the labels of ``bbem infer`` and napari-bbem).
 """
 
 from __future__ import annotations
@@ -145,38 +146,91 @@ class Objects:
         return np.arange(1, m + 1), s, c / np.maximum(s, 1)[:, None], final
 
 
-def remove_small_objects(
-    mask: Any, min_size: int, connectivity: int = 26, slab: int = 16
-) -> tuple[int, int]:
-    """Zero the connected components of ``mask`` (a writable ``[Z, Y, X]`` array, e.g. zarr,
-    nonzero = object) smaller than ``min_size`` voxels, streamed in z-slabs of ``slab`` sections.
+def label_objects(
+    mask: Any,
+    out: Any | None = None,
+    *,
+    min_size: int = 0,
+    connectivity: int = 26,
+    slab: int = 16,
+) -> int:
+    """Number the connected components of ``mask`` 1..n into ``out``; returns n.
 
-    Two passes, one slab in memory: the first measures every component of the whole volume
-    (:class:`Objects` joins pieces across slab faces), the second relabels each slab the same
-    way and clears the small ones. Returns ``(kept, removed)`` component counts.
+    ``mask``: a ``[Z, Y, X]`` array (numpy, zarr, ...; nonzero = object). ``out``: a writable
+    array of its shape for the ids (uint32 or wider; default: ``mask`` itself, relabelled in
+    place). Components of fewer than ``min_size`` voxels become 0. The others are numbered
+    1..n in the z-y-x scan order of their first voxel (the one with the smallest ``(z, y, x)``,
+    x fastest), so the ids depend on the volume only, never on ``slab``.
+
+    Streamed in z-slabs of ``slab`` sections, one slab in memory: the first pass measures
+    every component of the whole volume (:class:`Objects` joins pieces across slab faces) and
+    finds its first voxel, the second labels each slab again and writes its final ids.
+    In place, a run interrupted in the second pass and run again gives the same ids: the
+    written slabs keep the same objects (ids instead of 1), the cleared voxels were parts of
+    small components, and the components that stay are numbered among themselves.
     """
     z = int(mask.shape[0])
+    plane = int(np.prod(mask.shape[1:], dtype=np.int64))
+    slab = max(1, int(slab))
+    dest = mask if out is None else out
     objs = Objects("components", connectivity)
-    offsets = []
+    offsets: list[int] = []
+    firsts: list[np.ndarray] = []  # per slab: global flat index of each local label's first voxel
+    kept: np.ndarray | None = None  # the labels of a volume that is one slab: no second cc3d
     for z0 in range(0, z, slab):
-        _, offset = objs.add(np.asarray(mask[z0 : z0 + slab]) != 0, z0)
+        lab, offset = objs.add(np.asarray(mask[z0 : z0 + slab]) != 0, z0)
         offsets.append(offset)
+        firsts.append(_first_voxels(lab, objs.n_instances() - offset) + z0 * plane)
+        kept = lab if z <= slab else None
+    n_prov = objs.n_instances()
     _, sizes, _, final = objs.finish()
-    small = sizes < min_size
-    if not small.any():
-        return int(sizes.size), 0
-    for z0, offset in zip(range(0, z, slab), offsets, strict=True):
-        block = np.asarray(mask[z0 : z0 + slab])
-        lab = cc3d.connected_components(  # type: ignore[call-overload]  # int, checked by Objects
-            block != 0, connectivity=connectivity, out_dtype=np.uint32
-        )
-        on = lab > 0
-        clear = np.zeros_like(on)
-        clear[on] = small[final[lab[on].astype(np.int64) + offset]]
-        if clear.any():
-            block[clear] = 0
-            mask[z0 : z0 + slab] = block
-    return int((~small).sum()), int(small.sum())
+    first = np.full(sizes.size, np.iinfo(np.int64).max, dtype=np.int64)
+    if n_prov:
+        np.minimum.at(first, final[1:], np.concatenate(firsts))
+    keep = np.flatnonzero(sizes >= min_size)
+    new_id = np.zeros(sizes.size, dtype=np.uint64)
+    new_id[keep[np.argsort(first[keep], kind="stable")]] = np.arange(1, keep.size + 1)
+    n = int(keep.size)
+    dtype = np.dtype(dest.dtype)
+    if dtype.kind not in "ui" or n > np.iinfo(dtype).max:
+        raise ValueError(f"{n} objects do not fit the ids' dtype {dtype}")
+    lut = np.r_[np.uint64(0), new_id[final[1:]]].astype(dtype)  # provisional id -> final id
+    ends = [*offsets[1:], n_prov]
+    for z0, offset, end in zip(range(0, z, slab), offsets, ends, strict=True):
+        if out is None and end == offset:
+            continue  # in place and no object in this slab: it already holds its zeros
+        if kept is not None:
+            lab = kept
+        else:
+            lab = cc3d.connected_components(  # type: ignore[call-overload]  # checked by Objects
+                np.asarray(mask[z0 : z0 + slab]) != 0,
+                connectivity=connectivity,
+                out_dtype=np.uint32,
+            )
+        local = lut[offset : end + 1].copy()  # local label l -> lut[offset + l]
+        local[0] = 0
+        dest[z0 : z0 + slab] = local[lab]
+    return n
+
+
+def _first_voxels(lab: np.ndarray, n: int) -> np.ndarray:
+    """Flat index (in ``lab``, C order) of the first voxel of each label 1..n of a slab."""
+    first = np.full(n, -1, dtype=np.int64)
+    todo = n
+    plane = int(np.prod(lab.shape[1:], dtype=np.int64))
+    for i in range(lab.shape[0]):  # a section at a time: index arrays of one section at most
+        if not todo:
+            break
+        sec = lab[i].ravel()
+        idx = np.flatnonzero(sec)
+        if not idx.size:
+            continue
+        ids, at = np.unique(sec[idx], return_index=True)
+        ids = ids.astype(np.int64) - 1
+        new = first[ids] < 0
+        first[ids[new]] = idx[at[new]] + i * plane
+        todo -= int(new.sum())
+    return first
 
 
 def _globalise(plane: np.ndarray, offset: int) -> np.ndarray:

@@ -54,18 +54,20 @@ def best_threshold(checkpoint: str | os.PathLike) -> float | None:
     return validation_threshold(load_checkpoint(checkpoint))
 
 
-def threshold_clefts(prob: np.ndarray, threshold: float) -> np.ndarray:
-    """Connected clefts ``[Z, Y, X]`` uint32 (0 background, 1..n) at ``threshold``.
+def threshold_clefts(prob: np.ndarray, threshold: float, min_size: int = 0) -> np.ndarray:
+    """Cleft instances ``[Z, Y, X]`` uint32 (0 background, 1..n) at ``threshold``.
 
     ``prob``: uint8 levels (``rint(255 p)``, as :func:`predict_array` and ``bbem infer`` write)
     or float probabilities (stored as levels first); ``threshold`` a probability in [0, 1].
     A voxel is a cleft by bbem's one rule (:func:`bbem.metrics.binarize`: level >=
     ``threshold_level(threshold)``), so the viewer shows what ``bbem infer`` labels and
-    ``bbem evaluate`` counts. 26-connectivity, as bbem's object metrics count clefts.
+    ``bbem evaluate`` counts. The ids are those ``bbem infer --threshold --min-size`` writes
+    (:func:`bbem.metrics.label_objects`): 26-connected components, those under ``min_size``
+    voxels dropped, numbered in the z-y-x scan order of their first voxel.
     """
-    import cc3d
-
-    from bbem.metrics import as_levels, binarize
+    from bbem.metrics import as_levels, binarize, label_objects
 
     mask = binarize(as_levels(np.asarray(prob)), threshold)
-    return cc3d.connected_components(mask, connectivity=26).astype(np.uint32, copy=False)
+    out = np.zeros(mask.shape, dtype=np.uint32)
+    label_objects(mask, out, min_size=int(min_size), slab=max(1, mask.shape[0]))
+    return out
