@@ -164,14 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tta", action="store_true", help="average the 8 flips in z, y, x")
     s.add_argument(
         "--threshold",
-        help="also write labels where the stored level rint(255 p) >= ceil(255 t) (bbem's "
-        "one rule, as evaluate and napari); 'val' uses the threshold validation chose",
+        help="also write cleft instance labels (26-connected components where the stored level "
+        "rint(255 p) >= ceil(255 t): bbem's one rule, as evaluate and napari); 'val' uses the "
+        "threshold validation chose",
     )
     s.add_argument(
         "--min-size",
         type=int,
         default=100,
-        help="labels: remove objects smaller than this many voxels (0 keeps all; default 100)",
+        help="labels: drop clefts smaller than this many voxels (0 keeps all; default 100)",
     )
     s.add_argument(
         "--device",

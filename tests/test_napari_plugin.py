@@ -148,7 +148,7 @@ def test_reader_inference_output(tmp_path, synth_zarr, tiny_export):
     assert [t for _, _, t in layers] == ["image", "labels"]
     (prob, kw, _), (lab, lkw, _) = layers
     assert prob.dtype == np.uint8
-    assert lab.dtype == np.uint8
+    assert lab.dtype == np.uint32  # cleft instance ids, as the Predictions widget shows
     assert kw["colormap"] == "magma"
     assert kw["blending"] == "additive"
     assert kw["contrast_limits"] == (0, 255)
@@ -478,10 +478,11 @@ def test_predictions_widget(
     widget.threshold.value = 0.0
     assert (viewer.layers["raw clefts"].data > 0).all()
     widget.threshold.value = 0.5
+    # the clefts `bbem infer --threshold 0.5` writes: the same ids, small ones dropped
     np.testing.assert_array_equal(
-        viewer.layers["raw clefts"].data, threshold_clefts(prob.data, 0.5)
+        viewer.layers["raw clefts"].data, threshold_clefts(prob.data, 0.5, min_size=100)
     )
-    assert "at p >= 0.50" in widget.status.value
+    assert "at p >= 0.50, >= 100 voxels" in widget.status.value
     assert prob.metadata["threshold"] == 0.5  # the slider's threshold travels with the layer
     # outputs are named after their source; a second run replaces them, no "raw clefts [1]"
     names = ["raw", "raw probability", "raw clefts"]

@@ -115,8 +115,10 @@ def predict_volume(
     model in eval mode (input ``[B, 1, Z, Y, X]``, logits out). ``key``: the dataset inside
     the input container. ``output``: a zarr v3 OME-Zarr image ``[Z, Y, X]`` of uint8
     probability levels (``rint(255 p)``) with the input's voxel size and offset, plus
-    ``labels/clefts`` (uint8 0/1: level >= ``threshold_level(threshold)``, objects under
-    ``min_size`` voxels removed) when ``threshold`` is given (a number, or ``"val"`` for the
+    ``labels/clefts`` (uint32 cleft ids 1..n: the 26-connected components of level >=
+    ``threshold_level(threshold)``, numbered by first voxel in z-y-x order, those under
+    ``min_size`` voxels dropped; see :func:`bbem.metrics.label_objects`) when ``threshold`` is
+    given (a number, or ``"val"`` for the
     one validation chose, see :func:`resolve_threshold`); or a tiff when it ends ``.tif``
     (small volumes). ``block``, ``halo``, ``roi_size``: see :func:`~bbem.infer.make_plan`.
     ``tta``: average the 8 flips in z, y, x. ``scheduler``: ``threads`` (this process,

@@ -24,6 +24,7 @@ from magicgui.widgets import (
 from napari.utils.notifications import show_error, show_warning
 
 from bbem.errors import UserError
+from bbem.infer import DEFAULT_MIN_SIZE
 from napari_bbem.onrates import (
     OnRates,
     beta_of,
@@ -220,7 +221,8 @@ class PredictionsWidget(Container):
     def _show_clefts(self, _value: Any = None) -> None:
         if self.prob is None or self.source is None:
             return
-        clefts = threshold_clefts(self.prob, self.threshold.value)
+        # the clefts `bbem infer --threshold` writes: same rule, same smallest size
+        clefts = threshold_clefts(self.prob, self.threshold.value, min_size=DEFAULT_MIN_SIZE)
         if self.prob_layer is not None:  # travels with the layer: Evaluate and the writer use it
             self.prob_layer.metadata["threshold"] = float(self.threshold.value)
         n = int(clefts.max())
@@ -238,8 +240,8 @@ class PredictionsWidget(Container):
                 **geometry(source.scale, source.translate),
             )
         self.status.value = (
-            f"{n} cleft{'' if n == 1 else 's'} at p >= {self.threshold.value:.2f} "
-            f"(max p {self.prob.max() / 255:.2f})"
+            f"{n} cleft{'' if n == 1 else 's'} at p >= {self.threshold.value:.2f}, "
+            f">= {DEFAULT_MIN_SIZE} voxels (max p {self.prob.max() / 255:.2f})"
         )
 
 
