@@ -1,0 +1,449 @@
+"""The method x density x seed matrix: BB against dense, magnitude and random, one CSV row a run.
+
+A run is (config, method, density, seed, --set overrides). Each finished run appends one row
+to ``--results`` (a CSV under bench/results/, committed): the scores, the achieved density, the
+BB diagnostics, seconds per step, the machine, the command and the git commit. A rerun skips
+the rows already there (same config hash, method, density and seed), so the matrix can be run
+in parts (``--only method=bb_in,density=0.1``) and resumed after a stop. ``bench/table.py``
+turns the CSVs into the README's table and plot. Run from the repository root:
+
+    .venv/bin/python bench/matrix.py --config configs/bench/real_bb.yaml \
+        --methods dense,bb_in,bb_out,bb_tiers,magnitude,random \
+        --densities 0.7,0.5,0.3,0.1,0.05 --seeds 0,1,2 --results bench/results/vnc.csv
+
+Methods: ``dense``, ``bb`` (the config's mode), ``bb_in``, ``bb_out``, ``bb_tiers``,
+``magnitude``, ``random``; any of them with extra bb keys, ``bb_in:regrow=false``; and a row
+name of one's own, ``noregrow=bb_in:regrow=false``. Dense runs ignore the density: one dense
+run per seed serves every density, recorded once (density_target empty). ``--only`` keeps the
+runs whose method, density and seed match (a key given twice keeps either value); the dense
+run matches every density.
+
+Per run: PR-AUC and best F1 of the voxel validation (final, and the best over the run with its
+step: a BB run's best may come from before its masks reached the target density); object F1 at
+IoU 0.2 and the CREMI score of the final model (``last.pt``) on the first validation box at the
+final validation threshold (``bbem.metrics.evaluate``, as bench/detector.py scores); edge and
+parameter density; mean binary entropy of on-rates and the balance R^2 of the masked layers
+(BB's own statistics: empty for dense); the decorrelation (mean |r| between the channel means
+of every conv layer's units over the validation windows, bbem.bb.decorrelation) for every
+method; seconds per training step (wall time of ``train`` including its validations / steps).
+
+``--quick`` is the reduced matrix: methods dense,bb_in,magnitude,random at densities 0.5 and
+0.1, seeds 0 and 1 (14 runs: 2 dense + 3 x 2 x 2), 30 steps each (bb warm-up 6, ramp 12,
+refresh every 4, one validation at the end). It checks the pipeline on the real data and
+gives a first look; 30 steps are far too few to rank the methods. The arithmetic, from
+configs/bench/real_bb.yaml measured on this 2-core machine (torch 2.13 CPU): 1.37 s per
+training step (steps 10-20 of a run at density 0.1, refreshing every 5 steps), 6 s per
+validation, about 7 s to set up a run (data, model), 13.6 s to score one (prediction of the
+validation box, evaluate, decorrelation pass), 3.5 s once for the validation zarr. Per run
+7 + 30 x 1.37 + 6 + 13.6 = 67.7 s; 14 runs = 948 s, about 16 minutes, under 20.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+OUT = Path("bench/out/matrix")
+REPO = Path(__file__).resolve().parents[1]
+
+#: readable method names and the bb keys they set
+ALIASES: dict[str, tuple[str, ...]] = {
+    "dense": ("method=dense",),
+    "bb": ("method=bb",),
+    "bb_in": ("method=bb", "mode=in"),
+    "bb_out": ("method=bb", "mode=out"),
+    "bb_tiers": ("method=bb_tiers",),
+    "magnitude": ("method=magnitude",),
+    "random": ("method=random",),
+}
+
+QUICK_METHODS = "dense,bb_in,magnitude,random"
+QUICK_DENSITIES = "0.5,0.1"
+QUICK_SEEDS = "0,1"
+QUICK_SETS = (
+    "train.steps=30",
+    "train.eval_every=30",
+    "train.checkpoint_every=30",
+    "train.log_every=10",
+    "bb.warmup_steps=6",
+    "bb.ramp_steps=12",
+    "bb.refresh_every=4",
+)
+
+COLUMNS = (
+    "config",
+    "config_hash",
+    "method",
+    "density_target",
+    "seed",
+    "steps",
+    "density_achieved",
+    "param_density",
+    "val_pr_auc",
+    "val_pr_auc_best",
+    "best_step",
+    "val_f1_best",
+    "val_threshold",
+    "object_f1_iou02",
+    "object_f1_iou05",
+    "cremi_score",
+    "entropy_mean",
+    "decorrelation",
+    "balance_r2",
+    "seconds_per_step",
+    "train_seconds",
+    "score_seconds",
+    "overrides",
+    "run_dir",
+    "machine",
+    "torch",
+    "command",
+    "commit",
+)
+
+
+@dataclass(frozen=True)
+class Method:
+    """A row of the table: its name and the ``bb.*`` overrides it sets."""
+
+    name: str
+    sets: tuple[str, ...]
+
+    @property
+    def dense(self) -> bool:
+        return "bb.method=dense" in self.sets
+
+
+@dataclass(frozen=True)
+class Run:
+    config: str
+    method: Method
+    density: float | None  # None: dense
+    seed: int
+    overrides: tuple[str, ...]
+
+    def sets(self) -> list[str]:
+        s = [*self.overrides, *self.method.sets, f"train.seed={self.seed}"]
+        if self.density is not None:
+            s += [f"bb.seed={self.seed}", f"bb.density={self.density:g}"]
+        return s
+
+
+def parse_method(spec: str) -> Method:
+    """``bb_out`` -> bb.method=bb, bb.mode=out; ``bb_in:regrow=false`` adds bb.regrow=false;
+    ``noregrow=bb_in:regrow=false`` names the row ``noregrow``."""
+    name, _, rest = spec.partition("=") if "=" in spec.split(":")[0] else ("", "", spec)
+    base, *extra = rest.split(":")
+    keys = ALIASES.get(base, (f"method={base}",))
+    return Method(name or rest, tuple(f"bb.{kv}" for kv in (*keys, *extra)))
+
+
+def parse_only(text: str | None) -> dict[str, set[str]]:
+    """``method=bb_in,density=0.1`` -> {"method": {"bb_in"}, "density": {"0.1"}}."""
+    only: dict[str, set[str]] = {}
+    for part in filter(None, (text or "").split(",")):
+        key, sep, value = part.partition("=")
+        if not sep or key not in ("method", "density", "seed"):
+            raise SystemExit(f"--only takes method=, density= and seed=, got {part!r}")
+        only.setdefault(key, set()).add(value)
+    return only
+
+
+def matches(run: Run, only: Mapping[str, set[str]]) -> bool:
+    if "method" in only and run.method.name not in only["method"]:
+        return False
+    if "seed" in only and str(run.seed) not in only["seed"]:
+        return False
+    if "density" in only and run.density is not None:
+        return any(float(d) == run.density for d in only["density"])
+    return True
+
+
+def plan(
+    config: str,
+    methods: Sequence[Method],
+    densities: Sequence[float],
+    seeds: Sequence[int],
+    overrides: Sequence[str],
+    only: Mapping[str, set[str]],
+) -> list[Run]:
+    """Every run of the matrix that ``only`` keeps, seed by seed; one dense run per seed."""
+    runs = []
+    for seed in seeds:
+        for m in methods:
+            for d in [None] if m.dense else densities:
+                runs.append(Run(config, m, d, seed, tuple(overrides)))
+    return [r for r in runs if matches(r, only)]
+
+
+def load(run: Run) -> Any:
+    from bbem.config import load_config
+
+    return load_config(run.config, run.sets())
+
+
+def config_hash(cfg: Any, dense: bool) -> str:
+    """A hash of the whole resolved config (as bench/compare_methods.py): the thread count is
+    left out (speed, not the experiment), and a dense run's bb section (it is not used)."""
+    exclude: dict[str, Any] = {"train": {"threads"}} | ({"bb": True} if dense else {})
+    return hashlib.sha1(cfg.model_dump_json(exclude=exclude).encode()).hexdigest()[:10]
+
+
+def row_key(row: Mapping[str, Any]) -> tuple[str, str, str, str]:
+    """What makes a row unique: config hash, method, density and seed, as CSV text."""
+    return (
+        str(row["config_hash"]),
+        str(row["method"]),
+        str(row["density_target"]),
+        str(row["seed"]),
+    )
+
+
+def density_text(d: float | None) -> str:
+    return "" if d is None else f"{d:g}"
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def append_row(path: Path, row: Mapping[str, Any]) -> None:
+    """Append ``row`` under a lock: read, append, write a temporary, rename (bbem.atomic)."""
+    from bbem.atomic import atomic_output, output_lock
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(path):
+        rows: list[Mapping[str, Any]] = [*read_rows(path), row]
+        with (
+            atomic_output(path, overwrite=True, kind="text") as tmp,
+            tmp.open("w", newline="") as f,
+        ):
+            w = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+
+
+def git_commit() -> str:
+    """``git rev-parse HEAD``, with ``-dirty`` when tracked files differ from it."""
+
+    def git(*args: str) -> str:
+        r = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+        return r.stdout.strip()
+
+    head = git("rev-parse", "HEAD") or "unknown"
+    return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def machine() -> str:
+    return f"{platform.machine()} {platform.system()} {platform.release()}, {os.cpu_count()} cpus"
+
+
+def decorrelation_of(model: Any, cfg: Any) -> float:
+    """Mean over the conv layers (more than one output channel) of the mean |Pearson r|
+    between their units' channel means over the validation windows (bbem.bb.decorrelation)."""
+    import math
+
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from bbem.bb import channel_means, decorrelation
+    from bbem.data import load_val_volumes
+    from bbem.train import validate
+
+    means: dict[str, list[torch.Tensor]] = {}
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv3d) and m.out_channels > 1:
+            means[name] = []
+
+            def hook(_m: Any, _a: Any, out: torch.Tensor, name: str = name) -> None:
+                means[name].append(channel_means(out))
+
+            hooks.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            validate(model, load_val_volumes(cfg), cfg.data.patch_size, cfg.model.model_dump())
+    finally:
+        for h in hooks:
+            h.remove()
+    vals = [decorrelation(torch.cat(v)) for v in means.values() if v]
+    vals = [v for v in vals if math.isfinite(v)]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def score(run_dir: Path, cfg: Any, threshold: float, val: Path) -> dict[str, Any]:
+    """Object F1 and CREMI score of ``last.pt`` on ``val`` at ``threshold``; decorrelation."""
+    from baseline_rf import MIN_SIZE
+    from detector import scores
+
+    from bbem.infer import predict_volume
+    from bbem.metrics import evaluate
+    from bbem.model import load_inference_model
+    from bbem.volumes import open_volume
+
+    last = run_dir / "checkpoints" / "last.pt"
+    pred = run_dir / "val_prediction.zarr"
+    predict_volume(last, val, pred, key="volumes/raw", on_existing="overwrite", progress=False)
+    r = evaluate(
+        open_volume(pred),
+        open_volume(val, "volumes/labels/clefts"),
+        threshold=threshold,
+        min_size=MIN_SIZE,
+    )
+    s = scores(r, 0.0)
+    model, _ = load_inference_model(last)
+    return {
+        "object_f1_iou02": s["obj_f1_02"],
+        "object_f1_iou05": s["obj_f1_05"],
+        "cremi_score": s["cremi"],
+        "decorrelation": decorrelation_of(model, cfg),
+    }
+
+
+def val_volume(cfg: Any, out: Path) -> Path:
+    """The first validation box as a zarr, one per data section (shared by the runs)."""
+    from detector import write_val_volume
+
+    key = hashlib.sha1(cfg.data.model_dump_json().encode()).hexdigest()[:10]
+    out.mkdir(parents=True, exist_ok=True)
+    return write_val_volume(cfg, out / f"val-{key}.zarr")
+
+
+def execute(run: Run, out: Path, command: str) -> dict[str, Any]:
+    """Train ``run`` in a fresh run directory, score it, and return its CSV row."""
+    from bbem.train import train
+
+    cfg = load(run)
+    key = config_hash(cfg, run.method.dense)
+    d = "" if run.density is None else f"-d{run.density:g}"
+    safe = "".join(c if c.isalnum() or c in "._-" else "-" for c in run.method.name)
+    run_dir = out / f"{cfg.name}-{safe}{d}-s{run.seed}-{key}"
+    if run_dir.exists():  # an unfinished run (a finished one has its CSV row)
+        shutil.rmtree(run_dir)
+    val = val_volume(cfg, out)
+    t0 = time.perf_counter()
+    r = train(cfg, run_dir=run_dir, progress=False)
+    t1 = time.perf_counter()
+    s = score(run_dir, cfg, float(r["val_threshold_best"]), val)
+    t2 = time.perf_counter()
+    import torch
+
+    dense = run.method.dense
+    return {
+        "config": run.config,
+        "config_hash": key,
+        "method": run.method.name,
+        "density_target": density_text(run.density),
+        "seed": run.seed,
+        "steps": int(r["step"]),
+        "density_achieved": r["density"],
+        "param_density": 1.0 if dense else r.get("bb_param_density", ""),
+        "val_pr_auc": r["val_pr_auc"],
+        "val_pr_auc_best": r["best_pr_auc"],
+        "best_step": r["best_step"],
+        "val_f1_best": r["val_f1_best"],
+        "val_threshold": r["val_threshold_best"],
+        **s,
+        "entropy_mean": "" if dense else r.get("bb_entropy_mean", ""),
+        "balance_r2": "" if dense else r.get("bb_balance_r2", ""),
+        "seconds_per_step": round((t1 - t0) / max(int(r["step"]), 1), 4),
+        "train_seconds": round(t1 - t0, 1),
+        "score_seconds": round(t2 - t1, 1),
+        "overrides": " ".join(run.overrides),
+        "run_dir": str(run_dir),
+        "machine": machine(),
+        "torch": torch.__version__,
+        "command": command,
+        "commit": git_commit(),
+    }
+
+
+def pending(runs: Iterable[Run], results: Path) -> list[Run]:
+    """The runs without a row in ``results`` (resume)."""
+    done = {row_key(r) for r in read_rows(results)}
+    todo = []
+    for run in runs:
+        key = config_hash(load(run), run.method.dense)
+        k = (key, run.method.name, density_text(run.density), str(run.seed))
+        if k not in done:
+            todo.append(run)
+    return todo
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--config", default="configs/bench/real_bb.yaml")
+    ap.add_argument("--methods", default=None, help="comma-separated (see the module docstring)")
+    ap.add_argument("--densities", default=None, help="default 0.7,0.5,0.3,0.1,0.05")
+    ap.add_argument("--seeds", default=None, help="default 0,1,2")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--only", default=None, help="method=NAME,density=D,seed=S filters")
+    ap.add_argument("--quick", action="store_true", help="the reduced matrix (docstring)")
+    ap.add_argument("--results", default=None, help="CSV (default bench/results/<config>.csv)")
+    ap.add_argument("--out", default=str(OUT), help="run directories")
+    ap.add_argument("--dry-run", action="store_true", help="list the pending runs, train none")
+    a = ap.parse_args(argv)
+    q = a.quick
+    a.methods = a.methods or (
+        QUICK_METHODS if q else "dense,bb_in,bb_out,bb_tiers,magnitude,random"
+    )
+    a.densities = a.densities or (QUICK_DENSITIES if q else "0.7,0.5,0.3,0.1,0.05")
+    a.seeds = a.seeds or (QUICK_SEEDS if q else "0,1,2")
+    a.set = [*(QUICK_SETS if q else ()), *a.set]  # a --set of one's own wins
+    if a.results is None:
+        a.results = f"bench/results/{Path(a.config).stem}{'-quick' if q else ''}.csv"
+    return a
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = parse_args(argv)
+    methods = [parse_method(m) for m in a.methods.split(",")]
+    runs = plan(
+        a.config,
+        methods,
+        [float(d) for d in a.densities.split(",")],
+        [int(s) for s in a.seeds.split(",")],
+        a.set,
+        parse_only(a.only),
+    )
+    results = Path(a.results)
+    todo = pending(runs, results)
+    print(f"{len(runs)} runs, {len(runs) - len(todo)} done in {results}, {len(todo)} to train")
+    command = " ".join(["python", "bench/matrix.py", *(sys.argv[1:] if argv is None else argv)])
+    for i, run in enumerate(todo):
+        print(
+            f"[{i + 1}/{len(todo)}] {run.method.name} {density_text(run.density) or '-'} "
+            f"seed {run.seed}",
+            flush=True,
+        )
+        if a.dry_run:
+            continue
+        row = execute(run, Path(a.out), command)
+        append_row(results, row)
+        print(
+            f"  PR-AUC {row['val_pr_auc']:.3f}, object F1 {row['object_f1_iou02']:.3f}, "
+            f"{row['seconds_per_step']:.2f} s/step",
+            flush=True,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

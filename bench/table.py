@@ -1,0 +1,221 @@
+"""The README's section from bench/matrix.py result CSVs: a markdown table and a plot.
+
+Per method and density: mean ± sd over seeds (sample sd, n - 1) of PR-AUC, best F1, object F1
+at IoU 0.2, CREMI score, achieved density and the diagnostics. Then, per density, each BB
+variant against magnitude and random on final PR-AUC: a win (or a loss) only when the
+difference of the means exceeds the larger of the two seed sds; otherwise a tie; with one seed
+on either side, no call. The plot: final PR-AUC against target density per method (mean, sd
+error bars, log x; dense as a band across all densities).
+
+    .venv/bin/python bench/table.py bench/results/real_bb.csv --md out.md --png out.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import statistics
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+#: (CSV column, heading, decimals)
+METRICS = (
+    ("val_pr_auc", "PR-AUC", 3),
+    ("val_f1_best", "best F1", 3),
+    ("object_f1_iou02", "object F1 IoU 0.2", 3),
+    ("cremi_score", "CREMI score", 1),
+    ("density_achieved", "edge density", 3),
+    ("param_density", "param density", 3),
+    ("entropy_mean", "on-rate entropy", 3),
+    ("decorrelation", "decorrelation", 3),
+    ("balance_r2", "balance R²", 3),
+)
+RULE = (
+    "A win (loss) is called only when the difference of mean PR-AUC exceeds the larger of the "
+    "two seed standard deviations; a smaller difference is a tie; with one seed: no call."
+)
+Row = Mapping[str, str]
+
+
+def read(paths: Sequence[str | Path]) -> list[dict[str, str]]:
+    rows: list[dict[str, str]] = []
+    for p in paths:
+        with Path(p).open(newline="") as f:
+            rows.extend(csv.DictReader(f))
+    return rows
+
+
+def values(rows: Sequence[Row], key: str) -> list[float]:
+    """The finite numbers in column ``key`` (empty cells and NaN left out)."""
+    out = []
+    for r in rows:
+        try:
+            v = float(r.get(key) or "nan")
+        except ValueError:
+            continue
+        if math.isfinite(v):
+            out.append(v)
+    return out
+
+
+def mean_sd(v: Sequence[float]) -> tuple[float, float] | None:
+    """Mean and sample sd (0 for one value); None when empty."""
+    if not v:
+        return None
+    return statistics.mean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
+
+
+def cell(v: Sequence[float], digits: int) -> str:
+    ms = mean_sd(v)
+    if ms is None:
+        return "-"
+    if len(v) == 1:
+        return f"{ms[0]:.{digits}f}"
+    return f"{ms[0]:.{digits}f} ± {ms[1]:.{digits}f}"
+
+
+def groups(rows: Sequence[Row]) -> dict[tuple[str, str], list[Row]]:
+    """Rows by (method, density_target), in first-seen method order, densities descending."""
+    out: dict[tuple[str, str], list[Row]] = {}
+    for r in rows:
+        out.setdefault((r["method"], r["density_target"]), []).append(r)
+    order = list(dict.fromkeys(r["method"] for r in rows))
+    return dict(sorted(out.items(), key=lambda kv: (order.index(kv[0][0]), -float(kv[0][1] or 2))))
+
+
+def call(a: Sequence[float], b: Sequence[float]) -> str:
+    """``win`` / ``loss`` of ``a`` against ``b`` beyond the larger sd, ``tie``, or no call."""
+    if len(a) < 2 or len(b) < 2:
+        return "one seed: no call"
+    (ma, sa), (mb, sb) = mean_sd(a), mean_sd(b)  # type: ignore[misc]
+    diff, spread = ma - mb, max(sa, sb)
+    word = "tie" if abs(diff) <= spread else ("win" if diff > 0 else "loss")
+    return f"{word} ({diff:+.3f}, spread {spread:.3f})"
+
+
+def is_bb(method: str) -> bool:
+    return method.startswith("bb") or "=bb" in method
+
+
+def summary_table(rows: Sequence[Row]) -> list[str]:
+    head = "| method | density | " + " | ".join(m[1] for m in METRICS) + " | seeds |"
+    lines = [head, "|" + "---|" * (len(METRICS) + 3)]
+    for (method, dens), rs in groups(rows).items():
+        cells = [cell(values(rs, k), digits) for k, _, digits in METRICS]
+        lines.append(f"| {method} | {dens or 'all'} | " + " | ".join(cells) + f" | {len(rs)} |")
+    return lines
+
+
+def comparisons(rows: Sequence[Row], key: str = "val_pr_auc") -> list[str]:
+    g = groups(rows)
+    densities = sorted({d for _, d in g if d}, key=float, reverse=True)
+    methods = list(dict.fromkeys(m for m, _ in g))
+    rivals = [m for m in ("magnitude", "random", "dense") if m in methods]
+    lines = ["| density | BB variant | " + " | ".join(f"vs {m}" for m in rivals) + " |"]
+    lines.append("|" + "---|" * (len(rivals) + 2))
+    for d in densities:
+        for m in (m for m in methods if is_bb(m) and (m, d) in g):
+            a = values(g[(m, d)], key)
+            cells = []
+            for rival in rivals:
+                b = g.get((rival, "" if rival == "dense" else d))
+                cells.append(call(a, values(b, key)) if b else "-")
+            lines.append(f"| {d} | {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def provenance(rows: Sequence[Row]) -> list[str]:
+    seen = dict.fromkeys(
+        (r.get("config", ""), r.get("commit", ""), r.get("machine", ""), r.get("steps", ""))
+        for r in rows
+    )
+    return [f"- `{c}`, {s} steps, commit {g}, {m}" for c, g, m, s in seen]
+
+
+def markdown(rows: Sequence[Row], title: str = "BB against dense, magnitude and random") -> str:
+    parts = [
+        f"### {title}",
+        "",
+        "Mean ± sd over seeds (sample sd). Dense is one run per seed for all densities.",
+        "",
+        *summary_table(rows),
+        "",
+        f"Final PR-AUC, BB against the baselines. {RULE}",
+        "",
+        *comparisons(rows),
+        "",
+        "Runs:",
+        *provenance(rows),
+    ]
+    return "\n".join(parts) + "\n"
+
+
+def plot(rows: Sequence[Row], path: Path, key: str = "val_pr_auc") -> Path:
+    """PR-AUC against target density per method, sd error bars; dense as a band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    g = groups(rows)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    densities = sorted({float(d) for _, d in g if d})
+    for i, method in enumerate(dict.fromkeys(m for m, _ in g)):
+        if (method, "") in g:  # dense: one run per seed for every density
+            ms = mean_sd(values(g[(method, "")], key))
+            if ms and densities:
+                ax.axhline(ms[0], color=f"C{i}", label=f"{method} (all densities)")
+                lo, hi = min(densities) * 0.9, max(densities) * 1.1
+                ax.fill_between([lo, hi], ms[0] - ms[1], ms[0] + ms[1], color=f"C{i}", alpha=0.15)
+            continue
+        pts: list[tuple[float, tuple[float, float]]] = []
+        for (m, d), rs in g.items():
+            ms = mean_sd(values(rs, key))
+            if m == method and ms is not None:
+                pts.append((float(d), ms))
+        pts.sort()
+        ax.errorbar(
+            [d for d, _ in pts],
+            [ms[0] for _, ms in pts],
+            yerr=[ms[1] for _, ms in pts],
+            fmt="o-",
+            capsize=3,
+            color=f"C{i}",
+            label=method,
+        )
+    ax.set_xscale("log")
+    if densities:
+        ax.set_xticks(densities, [f"{d:g}" for d in densities])
+        ax.minorticks_off()
+    ax.set(xlabel="target density (kept fraction of edges)", ylabel="validation PR-AUC (final)")
+    seeds = sorted({r.get("seed", "") for r in rows})
+    ax.set_title(f"mean ± sd over {len(seeds)} seed(s)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("csv", nargs="+", help="result CSVs of bench/matrix.py")
+    ap.add_argument("--md", default=None, help="also write the markdown here")
+    ap.add_argument("--png", default=None, help="write the plot here")
+    ap.add_argument("--title", default="BB against dense, magnitude and random")
+    a = ap.parse_args(argv)
+    rows = read(a.csv)
+    md = markdown(rows, a.title)
+    print(md, end="")
+    if a.md:
+        Path(a.md).write_text(md)
+    if a.png:
+        plot(rows, Path(a.png))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

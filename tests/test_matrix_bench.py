@@ -1,0 +1,158 @@
+"""bench/matrix.py runs a tiny matrix end to end, resumes, filters; bench/table.py's numbers."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tiny_em import tiny_config, tiny_volumes
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+import matrix  # noqa: E402
+import table  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("matrix")
+    steps = {"steps": 2, "eval_every": 2, "checkpoint_every": 2, "threads": 1}
+    return tiny_config(tiny_volumes(d), d / "tiny.yaml", train=steps)
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_matrix_runs_writes_rows_and_resumes(config, tmp_path, monkeypatch):
+    results = tmp_path / "results" / "tiny.csv"
+    argv = [
+        "--config", str(config), "--methods", "dense,bb_in", "--densities", "0.5",
+        "--seeds", "0", "--results", str(results), "--out", str(tmp_path / "runs"),
+        "--set", "bb.refresh_every=1",
+    ]  # fmt: skip
+    assert matrix.main(argv) == 0
+    rows = _rows(results)
+    with results.open() as f:
+        assert next(csv.reader(f)) == list(matrix.COLUMNS)
+    assert [(r["method"], r["density_target"], r["seed"]) for r in rows] == [
+        ("dense", "", "0"),
+        ("bb_in", "0.5", "0"),
+    ]
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    dense, bb = rows
+    for r in rows:
+        assert r["commit"].removesuffix("-dirty") == head
+        assert r["steps"] == "2"
+        assert "--methods dense,bb_in" in r["command"]
+        assert r["machine"]
+        assert r["torch"]
+        for k in ("val_pr_auc", "val_pr_auc_best", "val_f1_best", "object_f1_iou02"):
+            assert 0 <= float(r[k]) <= 1, k
+        assert float(r["cremi_score"]) >= 0
+        assert float(r["seconds_per_step"]) > 0
+        assert 0 <= float(r["decorrelation"]) <= 1
+    assert float(dense["density_achieved"]) == 1.0
+    assert dense["entropy_mean"] == dense["balance_r2"] == ""
+    assert float(bb["density_achieved"]) == pytest.approx(0.5, abs=0.05)
+    assert 0 < float(bb["param_density"]) < 1
+    assert 0 <= float(bb["entropy_mean"]) <= 1
+    assert dense["config_hash"] != bb["config_hash"]
+
+    # the second invocation trains nothing: every run has its row
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(matrix, "execute", no_training)
+    assert matrix.main(argv) == 0
+    assert _rows(results) == rows
+
+
+def test_only_filters_the_matrix(config, tmp_path, monkeypatch):
+    trained: list[tuple[str, float | None, int]] = []
+
+    def spy(run, out, command):
+        trained.append((run.method.name, run.density, run.seed))
+        # a row that matches no run, so every invocation sees the filtered matrix pending
+        row = {"config_hash": "x", "method": run.method.name, "seed": run.seed}
+        return row | {"val_pr_auc": 0.0, "object_f1_iou02": 0.0, "seconds_per_step": 0.0}
+
+    monkeypatch.setattr(matrix, "execute", spy)
+    base = ["--config", str(config), "--results", str(tmp_path / "r.csv"), "--seeds", "0,1"]
+    base += ["--methods", "dense,bb_in,random", "--densities", "0.5,0.1"]
+    matrix.main([*base, "--only", "method=random,density=0.1"])
+    assert trained == [("random", 0.1, 0), ("random", 0.1, 1)]
+    trained.clear()
+    matrix.main([*base, "--only", "seed=1,density=0.5", "--dry-run"])
+    assert trained == []  # a dry run trains nothing
+    trained.clear()
+    matrix.main([*base, "--only", "seed=1,density=0.5"])
+    # the dense run serves every density, so a density filter keeps it
+    assert trained == [("dense", None, 1), ("bb_in", 0.5, 1), ("random", 0.5, 1)]
+
+
+def test_method_specs():
+    assert matrix.parse_method("bb_out").sets == ("bb.method=bb", "bb.mode=out")
+    m = matrix.parse_method("noregrow=bb_in:regrow=false")
+    assert m.name == "noregrow"
+    assert m.sets == ("bb.method=bb", "bb.mode=in", "bb.regrow=false")
+    assert matrix.parse_method("bb:probe=output").name == "bb:probe=output"
+    assert matrix.parse_method("dense").dense
+    with pytest.raises(SystemExit):
+        matrix.parse_only("steps=3")
+
+
+def _write_csv(path: Path, rows: list[dict]) -> Path:
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, matrix.COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+#: PR-AUC per (method, density) over seeds 0, 1, 2
+SCORES = {
+    ("dense", ""): [0.60, 0.62, 0.64],
+    ("bb_in", "0.5"): [0.50, 0.52, 0.54],  # vs magnitude: +0.21, sds 0.02 and 0.01: a win
+    ("magnitude", "0.5"): [0.30, 0.31, 0.32],
+    ("bb_in", "0.1"): [0.20, 0.30, 0.40],  # vs magnitude: +0.03 within sd 0.1: a tie
+    ("magnitude", "0.1"): [0.25, 0.27, 0.29],
+}
+
+
+def test_table_means_sds_calls_and_plot(tmp_path):
+    rows = [
+        {"config": "c.yaml", "method": m, "density_target": d, "seed": s, "val_pr_auc": v,
+         "object_f1_iou02": v / 2, "steps": 9, "commit": "abc", "machine": "m"}
+        for (m, d), vs in SCORES.items()
+        for s, v in enumerate(vs)
+    ]  # fmt: skip
+    path = _write_csv(tmp_path / "r.csv", rows)
+    md_path, png = tmp_path / "t.md", tmp_path / "t.png"
+    assert table.main([str(path), "--md", str(md_path), "--png", str(png)]) == 0
+    md = md_path.read_text()
+    for (m, d), vs in SCORES.items():
+        mean, sd = np.mean(vs), np.std(vs, ddof=1)
+        line = next(x for x in md.splitlines() if x.startswith(f"| {m} | {d or 'all'} |"))
+        assert line.split(" | ")[2] == f"{mean:.3f} ± {sd:.3f}"
+        o = np.array(vs) / 2
+        assert line.split(" | ")[4] == f"{o.mean():.3f} ± {o.std(ddof=1):.3f}"
+    calls = {tuple(x.split(" | ")[:2]): x for x in md.splitlines() if "vs" not in x}
+    assert "win (+0.210, spread 0.020)" in calls[("| 0.5", "bb_in")]
+    assert "tie (+0.030, spread 0.100)" in calls[("| 0.1", "bb_in")]
+    assert "larger of the two seed standard deviations" in md
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_table_one_seed_makes_no_call():
+    assert table.call([0.9], [0.1, 0.2]) == "one seed: no call"
+    assert table.call([0.9, 0.8], [0.1, 0.2]).startswith("win")
+    assert table.call([0.1, 0.2], [0.9, 0.8]).startswith("loss")
