@@ -478,7 +478,8 @@ class _Run:
                     batches = task.batches(step, stream_seed(s.seed, step, rank))
         out = {**self.row, "run_dir": str(rd.path), "best_score": self.best}
         out = ddp.broadcast(self.group, {**out, "best_step": self.best_step})
-        rd.log.info("finished: %s", out)
+        # one argument that is a dict would be taken by logging as %-mapping: pass its text
+        rd.log.info("finished: %s", str(out))
         return out
 
 

@@ -73,8 +73,8 @@ def _write_report(rd: RunDir, out: Path) -> dict[str, Any]:
     config = rd.config or {}
 
     rows = rd.read_metrics()
-    table = _columns(rows)
-    loss = _columns(rd.read_loss())
+    table = csv_columns(rows)
+    loss = csv_columns(rd.read_loss())
     if table:
         plots["curves"] = str(_plot_curves(table, out / "curves.png", _title(rd, config), loss))
     else:
@@ -186,8 +186,8 @@ def _fmt(v: Any) -> str:
 # -- inputs ----------------------------------------------------------------------------------------
 
 
-def _columns(rows: list[dict[str, str]]) -> dict[str, np.ndarray]:
-    """metrics.csv as numeric columns (blank or text -> NaN), rows sorted by step."""
+def csv_columns(rows: list[dict[str, str]]) -> dict[str, np.ndarray]:
+    """Rows of metrics.csv or loss.csv as numeric columns (blank or text -> NaN), sorted by step."""
     if not rows or "step" not in rows[0]:
         return {}
     cols = {k: np.array([_float(r.get(k)) for r in rows]) for k in rows[0]}

@@ -10,7 +10,8 @@ re-runs itself under ``xvfb-run``. It writes, on napari's dark theme:
 - ``evaluate.png``: the Evaluate widget scoring a blurred copy of the sample's clefts;
 - ``onrates_empty.png``, ``onrates_layer.png``, ``onrates_all_layers.png``,
   ``onrates_training.png``: the On-rates widget before a run, and its three views of a made-up
-  bb.csv with a bbem UNet's layer names.
+  bb.csv with a bbem UNet's layer names;
+- ``train.png``: the Train widget after a 60-step run of a tiny config on synthetic volumes.
 """
 
 from __future__ import annotations
@@ -100,6 +101,29 @@ def _bb_csv(folder: Path) -> Path:
     return folder
 
 
+def _tiny_train_config(folder: Path) -> Path:
+    """A 60-step config over two small synthetic volumes (made by bbem on first use)."""
+    import yaml
+
+    synth = {"shape": [12, 96, 96]}
+    cfg = {
+        "name": "tiny",
+        "data": {
+            "root": str(folder),
+            "train": [{"path": "train.zarr", "synth": {**synth, "seed": 1}}],
+            "val": [{"path": "val.zarr", "synth": {**synth, "seed": 2}}],
+            "patch_size": [4, 32, 32],
+            "batch_size": 2,
+        },
+        "model": {"channels": [4, 8, 16], "strides": [[1, 2, 2], [2, 2, 2]]},
+        "bb": {"method": "bb", "density": 0.5, "warmup_steps": 10, "refresh_every": 10},
+        "train": {"steps": 60, "eval_every": 10, "checkpoint_every": 10, "log_every": 1},
+    }
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
 def main(out: Path) -> None:
     import napari
     from napari_bbem._evaluate import EvaluateWidget
@@ -156,6 +180,16 @@ def main(out: Path) -> None:
         _widget_shot(onrates, out / "onrates_all_layers.png")
         onrates.view.value = VIEWS[2]
         _widget_shot(onrates, out / "onrates_training.png")
+
+        from napari_bbem._train import TrainWidget
+
+        train = TrainWidget(None)
+        train.native.setStyleSheet(get_stylesheet("dark"))
+        train.config.value = _tiny_train_config(tmp)
+        train.run_dir.value = tmp / "run"
+        train.start()
+        _wait(lambda: not train.stop_button.enabled, timeout=600)
+        _widget_shot(train, out / "train.png", (440, 700))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
