@@ -197,8 +197,12 @@ def load(run: Run) -> Any:
 
 def config_hash(cfg: Any, dense: bool) -> str:
     """A hash of the whole resolved config (as bench/compare_methods.py): the thread count is
-    left out (speed, not the experiment), and a dense run's bb section (it is not used)."""
-    exclude: dict[str, Any] = {"train": {"threads"}} | ({"bb": True} if dense else {})
+    left out (speed, not the experiment), a dense run's bb section (it is not used), and
+    ``data.root``, which load_config makes absolute: the same run from another clone or
+    machine must find its committed row."""
+    exclude: dict[str, Any] = {"train": {"threads"}, "data": {"root"}}
+    if dense:
+        exclude["bb"] = True
     return hashlib.sha1(cfg.model_dump_json(exclude=exclude).encode()).hexdigest()[:10]
 
 

@@ -156,3 +156,19 @@ def test_table_one_seed_makes_no_call():
     assert table.call([0.9], [0.1, 0.2]) == "one seed: no call"
     assert table.call([0.9, 0.8], [0.1, 0.2]).startswith("win")
     assert table.call([0.1, 0.2], [0.9, 0.8]).startswith("loss")
+
+
+def test_config_hash_does_not_depend_on_the_checkout(tmp_path: Path, monkeypatch):
+    # load_config makes data.root absolute (the working directory): a committed row must
+    # still be found from another clone
+    import matrix
+
+    from bbem.config import load_config
+
+    config = Path("configs/bench/real_bb.yaml").resolve()
+    hashes = set()
+    for where in (tmp_path / "a", tmp_path / "b"):
+        where.mkdir()
+        monkeypatch.chdir(where)
+        hashes.add(matrix.config_hash(load_config(config, ["train.seed=0"]), dense=True))
+    assert len(hashes) == 1
