@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import first_voxel_instances
 from scipy import ndimage
 
 from bbem.errors import UserError
@@ -97,20 +98,6 @@ def _whole_volume(model, data: np.ndarray, roi=ROI, halo=HALO, tta=False) -> np.
         )[0, 0].numpy()
     torch.set_num_threads(threads)
     return np.clip(np.rint(p * 255), 0, 255).astype(np.uint8)
-
-
-def _instances(mask: np.ndarray, min_size: int) -> np.ndarray:
-    """Oracle on the whole volume: cc3d 26-components, those under min_size dusted, numbered
-    1..n in the z-y-x scan order of their first voxel (bbem infer's labels)."""
-    import cc3d
-
-    kept = cc3d.dust(mask, threshold=min_size, connectivity=26) if min_size else mask
-    lab = cc3d.connected_components(kept, connectivity=26).astype(np.int64).ravel()
-    at = np.flatnonzero(lab)
-    ids, first = np.unique(lab[at], return_index=True)
-    lut = np.zeros(int(lab.max()) + 1, np.int64)
-    lut[ids[np.argsort(at[first])]] = np.arange(1, ids.size + 1)
-    return lut[lab].reshape(mask.shape)
 
 
 def _max_diff(a: np.ndarray, b: np.ndarray) -> int:
@@ -213,7 +200,7 @@ def test_tta_and_threshold(export: Path, raw, tmp_path: Path):
     labels = _read(out / "labels" / "clefts")
     assert labels.dtype == np.uint32
     # bbem's one rule on the stored levels: 0.5 is level 128; the default min_size drops clefts
-    mask = _instances(prob >= 128, 100)
+    mask = first_voxel_instances(prob >= 128, 100)
     assert np.array_equal(labels > 0, mask > 0)
     assert 0 < (labels > 0).mean() < 1
     # cleft instances: 26-connected components numbered 1..n by their first voxel
@@ -232,7 +219,7 @@ def test_threshold_val_uses_the_checkpoints_validation_threshold(raw, tmp_path: 
     out = predict_volume(ck, path, tmp_path / "v.zarr", threshold="val", progress=False).output
     prob, labels = _read(out), _read(out / "labels" / "clefts")
     # 0.52 * 255 = 132.6: level 133 and above
-    assert np.array_equal(labels > 0, _instances(prob >= 133, 100) > 0)
+    assert np.array_equal(labels > 0, first_voxel_instances(prob >= 133, 100) > 0)
     # An export without a recorded threshold, or a bad value: one line, nothing written.
     bare = _save_export(tmp_path / "bare.pt", TINY, state)
     with pytest.raises(UserError, match="--threshold val needs a training checkpoint"):
@@ -253,7 +240,7 @@ def test_tiff_output(export: Path, raw, tmp_path: Path):
     assert np.array_equal(_read(t), _read(z))
     clefts = _read(tmp_path / "p_clefts.tif")  # the cleft ids, as a zarr output holds them
     assert clefts.dtype == np.uint32
-    assert np.array_equal(clefts, _instances(_read(t) >= 128, 100))
+    assert np.array_equal(clefts, first_voxel_instances(_read(t) >= 128, 100))
     assert clefts.max() >= 1
     assert not list(tmp_path.glob("p.tif.partial*"))
 
@@ -459,7 +446,7 @@ def test_resume_of_a_run_killed_while_finishing(
     assert not work.exists()
     assert np.array_equal(_read(out), _read(ref))
     assert np.array_equal(_read(out / "labels" / "clefts"), ids)
-    assert np.array_equal(ids, _instances(_read(ref) >= threshold_level(t), 20))
+    assert np.array_equal(ids, first_voxel_instances(_read(ref) >= threshold_level(t), 20))
     assert ids.max() > 1
 
 
@@ -866,7 +853,9 @@ def test_labels_drop_objects_smaller_than_min_size(tmp_path, export, raw):
         )
         lab = open_volume(out / "labels" / "clefts").read()
         # the cleft instances of the whole volume, numbered 1..n by first voxel
-        assert np.array_equal(lab, _instances(_read(out) >= threshold_level(t), min_size))
+        assert np.array_equal(
+            lab, first_voxel_instances(_read(out) >= threshold_level(t), min_size)
+        )
         return np.asarray(cc3d.statistics(cc3d.connected_components(lab > 0))["voxel_counts"][1:])
 
     everything = sizes(0)

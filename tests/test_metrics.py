@@ -8,6 +8,7 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import first_voxel_instances
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
@@ -530,20 +531,6 @@ def test_cremi_property_any_slab_depth(seed, depth, vs, density):
         assert r["adf"]["median"] == pytest.approx(np.median(ref["adf"]))
 
 
-def _instances_oracle(mask: np.ndarray, min_size: int) -> np.ndarray:
-    """The whole volume at once: cc3d's 26-components, small ones dusted, then numbered 1..n in
-    the z-y-x scan order of their first voxel (label_objects' documented numbering)."""
-    import cc3d
-
-    kept = cc3d.dust(mask != 0, threshold=min_size, connectivity=26) if min_size else mask != 0
-    lab = cc3d.connected_components(kept, connectivity=26).astype(np.int64).ravel()
-    at = np.flatnonzero(lab)
-    ids, first = np.unique(lab[at], return_index=True)
-    lut = np.zeros(int(lab.max()) + 1, np.int64)
-    lut[ids[np.argsort(at[first])]] = np.arange(1, ids.size + 1)
-    return lut[lab].reshape(mask.shape)
-
-
 @pytest.mark.parametrize("slab", [1, 3, 7, 13, 40])
 def test_label_objects_matches_cc3d_dust_and_numbers_by_first_voxel(rng, slab):
     import cc3d
@@ -553,7 +540,7 @@ def test_label_objects_matches_cc3d_dust_and_numbers_by_first_voxel(rng, slab):
     for density in (0.05, 0.3):
         for min_size in (0, 6):
             m = (rng.random((13, 24, 20)) < density).astype(np.uint8)
-            want = _instances_oracle(m, min_size)
+            want = first_voxel_instances(m, min_size)
             got = np.zeros(m.shape, np.uint32)
             n = label_objects(m, got, min_size=min_size, slab=slab)
             assert np.array_equal(got, want)
@@ -610,7 +597,7 @@ def test_label_objects_interrupted_in_place_and_run_again_gives_the_same_ids(rng
     from bbem.metrics import label_objects
 
     m = (rng.random((12, 20, 20)) < 0.15).astype(np.uint32)
-    want = _instances_oracle(m, 4)
+    want = first_voxel_instances(m, 4)
     assert want.max() > 1
     assert (want[m > 0] == 0).any()
 

@@ -13,6 +13,7 @@ import cc3d
 import numpy as np
 import pytest
 import torch
+from conftest import first_voxel_instances
 
 from bbem.errors import UserError
 from bbem.infer import predict_volume
@@ -123,18 +124,6 @@ def test_infer_evaluate_and_plugin_agree(prob_volume, tmp_path, t):
         assert np.array_equal(clefts, ids)  # the same cleft ids as well
 
 
-def _first_voxel_instances(mask: np.ndarray, min_size: int) -> np.ndarray:
-    """Oracle on the whole volume: cc3d 26-components, those under min_size dusted, numbered
-    1..n in the z-y-x scan order of their first voxel."""
-    kept = cc3d.dust(mask, threshold=min_size, connectivity=26) if min_size else mask
-    lab = cc3d.connected_components(kept, connectivity=26).astype(np.int64).ravel()
-    at = np.flatnonzero(lab)
-    ids, first = np.unique(lab[at], return_index=True)
-    lut = np.zeros(int(lab.max()) + 1, np.int64)
-    lut[ids[np.argsort(at[first])]] = np.arange(1, ids.size + 1)
-    return lut[lab].reshape(mask.shape)
-
-
 def test_infer_labels_are_cleft_instances_whatever_the_block(tmp_path):
     """bbem infer's labels: 26-connected components of the thresholded levels, numbered 1..n by
     first voxel, small ones dropped, the same ids for any block size and in napari."""
@@ -147,7 +136,7 @@ def test_infer_labels_are_cleft_instances_whatever_the_block(tmp_path):
     path = write_volume(tmp_path / "p.zarr", probs)
     t, min_size = 0.62, 8
     mask = to_uint8(probs) >= threshold_level(t)
-    want = _first_voxel_instances(mask, min_size)
+    want = first_voxel_instances(mask, min_size)
     everything = cc3d.connected_components(mask, connectivity=26)
     sizes = np.bincount(everything.ravel())[1:]
     # the test can fail: many clefts, some too small, some spanning blocks in z, y and x
