@@ -68,16 +68,35 @@ def scores(result: dict[str, Any], seconds: float) -> dict[str, Any]:
     }
 
 
+def score_checkpoint(checkpoint: Path, val: Path, threshold: float, pred: Path) -> dict[str, Any]:
+    """Predict the validation zarr ``val`` with ``checkpoint`` into ``pred`` and score it with
+    ``bbem.metrics.evaluate`` at ``threshold`` (objects of at least MIN_SIZE voxels): the one
+    way every U-Net row of the detector and matrix benches is scored."""
+    from bbem.infer import predict_volume
+    from bbem.metrics import evaluate
+    from bbem.volumes import open_volume
+
+    predict_volume(
+        checkpoint, val, pred, key="volumes/raw", on_existing="overwrite", progress=False
+    )
+    r = evaluate(
+        open_volume(pred),
+        open_volume(val, "volumes/labels/clefts"),
+        threshold=threshold,
+        min_size=MIN_SIZE,
+    )
+    r["protocol"]["threshold"] = threshold
+    return r
+
+
 def run_unet(
     config: str, method: str, seed: int, overrides: Sequence[str], out: Path, val: Path
 ) -> dict[str, Any]:
     """Train one run (resumable: a finished run is read back), predict and score the val box."""
     from bbem.config import load_config
-    from bbem.infer import predict_volume, resolve_threshold
-    from bbem.metrics import evaluate
+    from bbem.infer import resolve_threshold
     from bbem.model import load_inference_model
     from bbem.train import train
-    from bbem.volumes import open_volume
 
     run_dir = out / f"{method}-s{seed}"
     done = run_dir / "detector.json"
@@ -98,15 +117,7 @@ def run_unet(
     _, info = load_inference_model(best)
     t = resolve_threshold("val", info)
     assert t is not None  # "val" gives a number or raises
-    pred = run_dir / "val_prediction.zarr"
-    predict_volume(best, val, pred, key="volumes/raw", on_existing="overwrite", progress=False)
-    r = evaluate(
-        open_volume(pred),
-        open_volume(val, "volumes/labels/clefts"),
-        threshold=t,
-        min_size=MIN_SIZE,
-    )
-    r["protocol"]["threshold"] = t
+    r = score_checkpoint(best, val, t, run_dir / "val_prediction.zarr")
     row = {"method": method, "seed": seed, **scores(r, seconds)}
     done.write_text(json.dumps(row, indent=1))
     return row

@@ -14,7 +14,10 @@ turns the CSVs into the README's table and plot. Run from the repository root:
 Methods: ``dense``, ``bb`` (the config's mode), ``bb_in``, ``bb_out``, ``bb_tiers``,
 ``magnitude``, ``random``; any of them with extra bb keys, ``bb_in:regrow=false``; and a row
 name of one's own, ``noregrow=bb_in:regrow=false``. Dense runs ignore the density: one dense
-run per seed serves every density, recorded once (density_target empty). ``--only`` keeps the
+run per seed serves every density, recorded once (density_target empty). The same holds for
+``baseline_rf``, the random-forest pixel classifier of bench/baseline_rf.py on the same boxes
+with the run's seed: every matrix has its row (one per seed, first) unless ``--no-baseline``,
+so each U-Net figure stands beside the baseline measured in the same matrix. ``--only`` keeps the
 runs whose method, density and seed match (a key given twice keeps either value); the dense
 run matches every density.
 
@@ -126,6 +129,19 @@ class Method:
     def dense(self) -> bool:
         return "bb.method=dense" in self.sets
 
+    @property
+    def baseline(self) -> bool:
+        return self.name == BASELINE.name and not self.sets
+
+    @property
+    def one_per_seed(self) -> bool:
+        """Dense and the baseline have no density: one run per seed serves every density."""
+        return self.dense or self.baseline
+
+
+#: the pixel-classifier reference (bench/baseline_rf.py), one row per seed beside the U-Nets
+BASELINE = Method("baseline_rf", ())
+
 
 @dataclass(frozen=True)
 class Run:
@@ -145,6 +161,8 @@ class Run:
 def parse_method(spec: str) -> Method:
     """``bb_out`` -> bb.method=bb, bb.mode=out; ``bb_in:regrow=false`` adds bb.regrow=false;
     ``noregrow=bb_in:regrow=false`` names the row ``noregrow``."""
+    if spec == BASELINE.name:
+        return BASELINE
     name, _, rest = spec.partition("=") if "=" in spec.split(":")[0] else ("", "", spec)
     base, *extra = rest.split(":")
     keys = ALIASES.get(base, (f"method={base}",))
@@ -184,7 +202,7 @@ def plan(
     runs = []
     for seed in seeds:
         for m in methods:
-            for d in [None] if m.dense else densities:
+            for d in [None] if m.one_per_seed else densities:
                 runs.append(Run(config, m, d, seed, tuple(overrides)))
     return [r for r in runs if matches(r, only)]
 
@@ -204,6 +222,16 @@ def config_hash(cfg: Any, dense: bool) -> str:
     if dense:
         exclude["bb"] = True
     return hashlib.sha1(cfg.model_dump_json(exclude=exclude).encode()).hexdigest()[:10]
+
+
+def run_hash(run: Run) -> str:
+    """The resume key of ``run``: :func:`config_hash`, or for the baseline a hash of the data
+    section alone (the forest reads nothing else of the config)."""
+    cfg = load(run)
+    if run.method.baseline:
+        data = cfg.data.model_dump_json(exclude={"root"})
+        return hashlib.sha1(f"baseline_rf {data}".encode()).hexdigest()[:10]
+    return config_hash(cfg, run.method.dense)
 
 
 def row_key(row: Mapping[str, Any]) -> tuple[str, str, str, str]:
@@ -294,24 +322,12 @@ def decorrelation_of(model: Any, cfg: Any) -> float:
 
 def score(run_dir: Path, cfg: Any, threshold: float, val: Path) -> dict[str, Any]:
     """Object F1 and CREMI score of ``last.pt`` on ``val`` at ``threshold``; decorrelation."""
-    from baseline_rf import MIN_SIZE
-    from detector import scores
+    from detector import score_checkpoint, scores
 
-    from bbem.infer import predict_volume
-    from bbem.metrics import evaluate
     from bbem.model import load_inference_model
-    from bbem.volumes import open_volume
 
     last = run_dir / "checkpoints" / "last.pt"
-    pred = run_dir / "val_prediction.zarr"
-    predict_volume(last, val, pred, key="volumes/raw", on_existing="overwrite", progress=False)
-    r = evaluate(
-        open_volume(pred),
-        open_volume(val, "volumes/labels/clefts"),
-        threshold=threshold,
-        min_size=MIN_SIZE,
-    )
-    s = scores(r, 0.0)
+    s = scores(score_checkpoint(last, val, threshold, run_dir / "val_prediction.zarr"), 0.0)
     model, _ = load_inference_model(last)
     return {
         "object_f1_iou02": s["obj_f1_02"],
@@ -330,12 +346,58 @@ def val_volume(cfg: Any, out: Path) -> Path:
     return write_val_volume(cfg, out / f"val-{key}.zarr")
 
 
+def provenance(command: str) -> dict[str, Any]:
+    import torch
+
+    return {
+        "machine": machine(),
+        "torch": torch.__version__,
+        "command": command,
+        "commit": git_commit(),
+    }
+
+
+def execute_baseline(run: Run, out: Path, command: str) -> dict[str, Any]:
+    """Train and score the forest on the config's boxes (bench/baseline_rf.py) with the run's
+    seed, and return its CSV row: the same validation scores as a U-Net row."""
+    from baseline_rf import run_baseline
+    from detector import scores
+
+    key = run_hash(run)
+    run_dir = out / f"{load(run).name}-{BASELINE.name}-s{run.seed}-{key}"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    t0 = time.perf_counter()
+    r = run_baseline(run.config, run_dir, run.overrides, seed=run.seed)
+    s = scores(r, 0.0)
+    return {
+        "config": run.config,
+        "config_hash": key,
+        "method": BASELINE.name,
+        "density_target": "",
+        "seed": run.seed,
+        "val_pr_auc": s["pr_auc"],
+        "val_f1_best": s["f1_best"],
+        "val_threshold": s["threshold"],
+        "object_f1_iou02": s["obj_f1_02"],
+        "object_f1_iou05": s["obj_f1_05"],
+        "cremi_score": s["cremi"],
+        "train_seconds": r["seconds"]["fit"],
+        "score_seconds": round(time.perf_counter() - t0 - r["seconds"]["fit"], 1),
+        "overrides": " ".join(run.overrides),
+        "run_dir": str(run_dir),
+        **provenance(command),
+    }
+
+
 def execute(run: Run, out: Path, command: str) -> dict[str, Any]:
     """Train ``run`` in a fresh run directory, score it, and return its CSV row."""
     from bbem.train import train
 
+    if run.method.baseline:
+        return execute_baseline(run, out, command)
     cfg = load(run)
-    key = config_hash(cfg, run.method.dense)
+    key = run_hash(run)
     d = "" if run.density is None else f"-d{run.density:g}"
     safe = "".join(c if c.isalnum() or c in "._-" else "-" for c in run.method.name)
     run_dir = out / f"{cfg.name}-{safe}{d}-s{run.seed}-{key}"
@@ -347,8 +409,6 @@ def execute(run: Run, out: Path, command: str) -> dict[str, Any]:
     t1 = time.perf_counter()
     s = score(run_dir, cfg, float(r["val_threshold_best"]), val)
     t2 = time.perf_counter()
-    import torch
-
     dense = run.method.dense
     return {
         "config": run.config,
@@ -372,10 +432,7 @@ def execute(run: Run, out: Path, command: str) -> dict[str, Any]:
         "score_seconds": round(t2 - t1, 1),
         "overrides": " ".join(run.overrides),
         "run_dir": str(run_dir),
-        "machine": machine(),
-        "torch": torch.__version__,
-        "command": command,
-        "commit": git_commit(),
+        **provenance(command),
     }
 
 
@@ -384,8 +441,7 @@ def pending(runs: Iterable[Run], results: Path) -> list[Run]:
     done = {row_key(r) for r in read_rows(results)}
     todo = []
     for run in runs:
-        key = config_hash(load(run), run.method.dense)
-        k = (key, run.method.name, density_text(run.density), str(run.seed))
+        k = (run_hash(run), run.method.name, density_text(run.density), str(run.seed))
         if k not in done:
             todo.append(run)
     return todo
@@ -403,6 +459,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--results", default=None, help="CSV (default bench/results/<config>.csv)")
     ap.add_argument("--out", default=str(OUT), help="run directories")
     ap.add_argument("--dry-run", action="store_true", help="list the pending runs, train none")
+    ap.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="leave out the random-forest baseline row (one run per seed, on by default)",
+    )
     a = ap.parse_args(argv)
     q = a.quick
     a.methods = a.methods or (
@@ -419,6 +480,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     a = parse_args(argv)
     methods = [parse_method(m) for m in a.methods.split(",")]
+    if not a.no_baseline and BASELINE not in methods:
+        methods.insert(0, BASELINE)
     runs = plan(
         a.config,
         methods,
@@ -443,7 +506,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         append_row(results, row)
         print(
             f"  PR-AUC {row['val_pr_auc']:.3f}, object F1 {row['object_f1_iou02']:.3f}, "
-            f"{row['seconds_per_step']:.2f} s/step",
+            f"{row['train_seconds']:.0f} s training",
             flush=True,
         )
     return 0

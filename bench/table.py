@@ -5,7 +5,7 @@ at IoU 0.2, CREMI score, achieved density and the diagnostics. Then, per density
 variant against magnitude and random on final PR-AUC: a win (or a loss) only when the
 difference of the means exceeds the larger of the two seed sds; otherwise a tie; with one seed
 on either side, no call. The plot: final PR-AUC against target density per method (mean, sd
-error bars, log x; dense as a band across all densities).
+error bars, log x; dense and the baseline as bands across all densities).
 
     .venv/bin/python bench/table.py bench/results/real_bb.csv --md out.md --png out.png
 """
@@ -112,7 +112,7 @@ def comparisons(rows: Sequence[Row], key: str = "val_pr_auc") -> list[str]:
     g = groups(rows)
     densities = sorted({d for _, d in g if d}, key=float, reverse=True)
     methods = list(dict.fromkeys(m for m, _ in g))
-    rivals = [m for m in ("magnitude", "random", "dense") if m in methods]
+    rivals = [m for m in ("magnitude", "random", "dense", "baseline_rf") if m in methods]
     lines = ["| density | BB variant | " + " | ".join(f"vs {m}" for m in rivals) + " |"]
     lines.append("|" + "---|" * (len(rivals) + 2))
     for d in densities:
@@ -120,7 +120,7 @@ def comparisons(rows: Sequence[Row], key: str = "val_pr_auc") -> list[str]:
             a = values(g[(m, d)], key)
             cells = []
             for rival in rivals:
-                b = g.get((rival, "" if rival == "dense" else d))
+                b = g.get((rival, d)) or g.get((rival, ""))  # dense and baseline: all densities
                 cells.append(call(a, values(b, key)) if b else "-")
             lines.append(f"| {d} | {m} | " + " | ".join(cells) + " |")
     return lines
@@ -138,7 +138,8 @@ def markdown(rows: Sequence[Row], title: str = "BB against dense, magnitude and 
     parts = [
         f"### {title}",
         "",
-        "Mean ± sd over seeds (sample sd). Dense is one run per seed for all densities.",
+        "Mean ± sd over seeds (sample sd). Dense and the random-forest baseline"
+        " (`baseline_rf`) are one run per seed for all densities.",
         "",
         *summary_table(rows),
         "",

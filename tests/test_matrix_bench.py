@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from tiny_em import tiny_config, tiny_volumes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,14 +44,22 @@ def test_matrix_runs_writes_rows_and_resumes(config, tmp_path, monkeypatch):
     with results.open() as f:
         assert next(csv.reader(f)) == list(matrix.COLUMNS)
     assert [(r["method"], r["density_target"], r["seed"]) for r in rows] == [
+        ("baseline_rf", "", "0"),
         ("dense", "", "0"),
         ("bb_in", "0.5", "0"),
     ]
     head = subprocess.run(
         ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True
     ).stdout.strip()
-    dense, bb = rows
-    for r in rows:
+    rf, dense, bb = rows
+    # the baseline row is the forest's own evaluation of the same validation box
+    ev = json.loads((Path(rf["run_dir"]) / "evaluation.json").read_text())
+    assert float(rf["val_pr_auc"]) == pytest.approx(ev["voxel"]["pr_auc"])
+    assert float(rf["object_f1_iou02"]) == pytest.approx(ev["object"]["iou_0.2"]["f1"])
+    assert rf["commit"].removesuffix("-dirty") == head
+    assert rf["density_achieved"] == rf["seconds_per_step"] == ""
+    assert rf["config_hash"] not in (dense["config_hash"], bb["config_hash"])
+    for r in (dense, bb):
         assert r["commit"].removesuffix("-dirty") == head
         assert r["steps"] == "2"
         assert "--methods dense,bb_in" in r["command"]
@@ -83,7 +93,7 @@ def test_only_filters_the_matrix(config, tmp_path, monkeypatch):
         trained.append((run.method.name, run.density, run.seed))
         # a row that matches no run, so every invocation sees the filtered matrix pending
         row = {"config_hash": "x", "method": run.method.name, "seed": run.seed}
-        return row | {"val_pr_auc": 0.0, "object_f1_iou02": 0.0, "seconds_per_step": 0.0}
+        return row | {"val_pr_auc": 0.0, "object_f1_iou02": 0.0, "train_seconds": 0.0}
 
     monkeypatch.setattr(matrix, "execute", spy)
     base = ["--config", str(config), "--results", str(tmp_path / "r.csv"), "--seeds", "0,1"]
@@ -95,8 +105,26 @@ def test_only_filters_the_matrix(config, tmp_path, monkeypatch):
     assert trained == []  # a dry run trains nothing
     trained.clear()
     matrix.main([*base, "--only", "seed=1,density=0.5"])
-    # the dense run serves every density, so a density filter keeps it
-    assert trained == [("dense", None, 1), ("bb_in", 0.5, 1), ("random", 0.5, 1)]
+    # the baseline and dense runs serve every density, so a density filter keeps them
+    assert trained == [
+        ("baseline_rf", None, 1), ("dense", None, 1), ("bb_in", 0.5, 1), ("random", 0.5, 1)
+    ]  # fmt: skip
+    trained.clear()
+    matrix.main([*base, "--only", "seed=0,density=0.5", "--no-baseline"])
+    assert trained == [("dense", None, 0), ("bb_in", 0.5, 0), ("random", 0.5, 0)]
+
+
+def test_baseline_resume_key_reads_only_the_data_section(config, tmp_path):
+    # the forest reads nothing but the boxes: a matrix at other steps or lr reuses its row
+    def key(cfg: Path, *sets: str) -> str:
+        return matrix.run_hash(matrix.Run(str(cfg), matrix.BASELINE, None, 0, sets))
+
+    assert key(config) == key(config, "train.steps=7", "optim.lr=0.1", "model.dropout=0.1")
+    other = yaml.safe_load(config.read_text())
+    other["data"]["val"][0]["y_range"] = [0, 16]
+    moved = tmp_path / "other.yaml"
+    moved.write_text(yaml.safe_dump(other))
+    assert key(moved) != key(config)
 
 
 def test_method_specs():
@@ -125,6 +153,7 @@ SCORES = {
     ("magnitude", "0.5"): [0.30, 0.31, 0.32],
     ("bb_in", "0.1"): [0.20, 0.30, 0.40],  # vs magnitude: +0.03 within sd 0.1: a tie
     ("magnitude", "0.1"): [0.25, 0.27, 0.29],
+    ("baseline_rf", ""): [0.40, 0.41, 0.42],  # bb_in at 0.5 vs it: +0.11, a win
 }
 
 
@@ -148,6 +177,7 @@ def test_table_means_sds_calls_and_plot(tmp_path):
     calls = {tuple(x.split(" | ")[:2]): x for x in md.splitlines() if "vs" not in x}
     assert "win (+0.210, spread 0.020)" in calls[("| 0.5", "bb_in")]
     assert "tie (+0.030, spread 0.100)" in calls[("| 0.1", "bb_in")]
+    assert calls[("| 0.5", "bb_in")].endswith("win (+0.110, spread 0.020) |")  # vs baseline
     assert "larger of the two seed standard deviations" in md
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
