@@ -81,7 +81,8 @@ def groups(rows: Sequence[Row]) -> dict[tuple[str, str], list[Row]]:
     out: dict[tuple[str, str], list[Row]] = {}
     for r in rows:
         out.setdefault((r["method"], r["density_target"]), []).append(r)
-    order = list(dict.fromkeys(r["method"] for r in rows))
+    # the baseline first, as the reference the other rows stand beside
+    order = sorted(dict.fromkeys(r["method"] for r in rows), key=lambda m: m != "baseline_rf")
     return dict(sorted(out.items(), key=lambda kv: (order.index(kv[0][0]), -float(kv[0][1] or 2))))
 
 
@@ -131,7 +132,10 @@ def provenance(rows: Sequence[Row]) -> list[str]:
         (r.get("config", ""), r.get("commit", ""), r.get("machine", ""), r.get("steps", ""))
         for r in rows
     )
-    return [f"- `{c}`, {s} steps, commit {g}, {m}" for c, g, m, s in seen]
+    return [
+        f"- `{c}`, {f'{s} steps' if s else 'random-forest baseline'}, commit {g}, {m}"
+        for c, g, m, s in seen
+    ]
 
 
 def markdown(rows: Sequence[Row], title: str = "BB against dense, magnitude and random") -> str:
