@@ -213,6 +213,10 @@ def load(run: Run) -> Any:
     return load_config(run.config, run.sets())
 
 
+#: bb keys that came after the first committed rows, with their defaults (see config_hash)
+LATER_BB_DEFAULTS: dict[str, Any] = {"allocation": "logodds"}
+
+
 def config_hash(cfg: Any, dense: bool) -> str:
     """A hash of the whole resolved config (as bench/compare_methods.py): the thread count is
     left out (speed, not the experiment), a dense run's bb section (it is not used), and
@@ -221,6 +225,8 @@ def config_hash(cfg: Any, dense: bool) -> str:
     exclude: dict[str, Any] = {"train": {"threads"}, "data": {"root"}}
     if dense:
         exclude["bb"] = True
+    else:  # keys added after rows were committed, at their defaults: old rows stay found
+        exclude["bb"] = {k for k, v in LATER_BB_DEFAULTS.items() if getattr(cfg.bb, k, v) == v}
     return hashlib.sha1(cfg.model_dump_json(exclude=exclude).encode()).hexdigest()[:10]
 
 

@@ -202,3 +202,20 @@ def test_config_hash_does_not_depend_on_the_checkout(tmp_path: Path, monkeypatch
         monkeypatch.chdir(where)
         hashes.add(matrix.config_hash(load_config(config, ["train.seed=0"]), dense=True))
     assert len(hashes) == 1
+
+
+def test_committed_rows_are_found(tmp_path: Path):
+    # a key added to the config later (at its default) must not orphan the committed rows
+    results = REPO / "bench" / "results" / "vnc-1500.csv"
+    config = str(REPO / "configs" / "bench" / "real_bb.yaml")
+    methods = [matrix.parse_method(m) for m in ("dense", "bb_in", "magnitude", "random")]
+    runs = matrix.plan(config, methods, [0.1], [0, 1], ["train.steps=1500"], {})
+    assert len(runs) == 8
+    assert matrix.pending(runs, results) == []
+    # and a changed key is a new run
+    bb = [r for r in runs if r.method.name == "bb_in"][:1]
+    other = [
+        matrix.Run(r.config, r.method, r.density, r.seed, (*r.overrides, "bb.allocation=rank"))
+        for r in bb
+    ]
+    assert matrix.pending(other, results) == other

@@ -16,6 +16,7 @@ Method = Literal["bb", "bb_tiers", "magnitude", "random"]
 Mode = Literal["in", "out"]
 Rescale = Literal["sqrt", "none"]
 ProbeSite = Literal["act", "output"]
+Allocation = Literal["logodds", "rank"]
 METHODS: tuple[str, ...] = get_args(Method)
 MODES: tuple[str, ...] = get_args(Mode)
 RESCALES: tuple[str, ...] = get_args(Rescale)
@@ -139,6 +140,15 @@ class BBConfig:
         default="act",
         metadata=_meta(
             "where fan-in mode reads 'on': after the following activation, or the output"
+        ),
+    )
+    # The ablation of the balance law's shape: "rank" replaces log((1-a)/a) by the units'
+    # on-rate ranks, spaced evenly over the same spread (mean and sd) the log-odds have, so
+    # busier units still lose more edges but not by the law's curve.
+    allocation: Allocation = field(
+        default="logodds",
+        metadata=_meta(
+            "bb: degrees from the log-odds of on-rates (the rule) or from their rank (ablation)"
         ),
     )
 

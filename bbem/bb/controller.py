@@ -81,18 +81,45 @@ def _round_to_total(real: np.ndarray, lo: np.ndarray, hi: np.ndarray, total: int
 
 
 def bb_degrees(
-    on_rate: Tensor, full_fan: int, total: int, spread: float, k_min: int, k_max: Tensor | None
+    on_rate: Tensor,
+    full_fan: int,
+    total: int,
+    spread: float,
+    k_min: int,
+    k_max: Tensor | None,
+    allocation: str = "logodds",
 ) -> Tensor:
     """BB target degrees: ``k_u = clip(K (delta + spread * log((1-a)/a)), k_min, K)``, summing to ``total``.
 
     ``k_max`` (``[U]``, optional) caps each unit, e.g. at its current degree when regrowth is off.
+    ``allocation="rank"`` (the ablation) puts :func:`rank_logit` in place of the log-odds.
     """
     a = on_rate.double().clamp(EPS, 1 - EPS)
     logit = torch.log((1 - a) / a)
+    if allocation == "rank":
+        logit = rank_logit(logit)
     K = float(full_fan)
     hi = torch.full_like(a, K) if k_max is None else k_max.double().clamp(max=K)
     lo = torch.full_like(a, float(min(k_min, full_fan)))
     return solve_budget(K * spread * logit, torch.full_like(a, K), lo, hi, total)
+
+
+def rank_logit(logit: Tensor) -> Tensor:
+    """The log-odds ``[U]`` replaced by their ranks, evenly spaced with the same mean and sd.
+
+    Order is kept (a busier unit never gets more edges) and so is the overall strength of the
+    allocation; only the law's shape (how far apart two on-rates put two units) is gone. Ties
+    keep the unit order; a single unit, or units all alike, keep their values.
+    """
+    n = logit.numel()
+    sd = logit.std() if n > 1 else logit.new_zeros(())
+    if n < 2 or float(sd) == 0.0:
+        return logit
+    ranks = torch.empty_like(logit)
+    order = torch.from_numpy(np.argsort(_f64(logit), kind="stable")).to(logit.device)
+    ranks[order] = torch.arange(n, dtype=logit.dtype, device=logit.device)
+    z = (ranks - ranks.mean()) / ranks.std()
+    return logit.mean() + sd * z
 
 
 def tier_degrees(

@@ -153,7 +153,9 @@ class BudgetedBroadcast:
         old = layer.unit_mask().clone()
         k_max = old.sum(1) if (not c.regrow and self.masked) else None
         if c.method == "bb":
-            deg = controller.bb_degrees(layer.on_rate, K, total, c.spread, c.min_fan, k_max)
+            deg = controller.bb_degrees(
+                layer.on_rate, K, total, c.spread, c.min_fan, k_max, c.allocation
+            )
         elif c.method == "bb_tiers":
             deg = controller.tier_degrees(
                 layer.on_rate,
