@@ -15,7 +15,7 @@ synaptic density instead of the sheet at its edge. This splits the score:
 Average precision is scikit-learn's ``average_precision_score``, as in the tests' oracle.
 
     .venv/bin/python bench/localisation.py data/demo/val.zarr runs/demo/val_prediction.zarr \
-        [more predictions ...] --radius 6
+        [more predictions ...] --radius 6 --png split.png --names "U-Net,forest"
 """
 
 from __future__ import annotations
@@ -52,23 +52,56 @@ def split_scores(pred: np.ndarray, clefts: np.ndarray, radius: int = 6) -> dict[
     }
 
 
+def plot(raw: np.ndarray, clefts: np.ndarray, preds: dict[str, np.ndarray], path: str) -> None:
+    """The section with the most cleft voxels: the image with the clefts outlined, then each
+    prediction (0-1 colour scale) with the same outline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    z = int(np.argmax((clefts != 0).sum((1, 2))))
+    n = 1 + len(preds)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 4.4))
+    panels = [("image, clefts outlined", raw[z], "gray", None)]
+    panels += [(name, p[z], "magma", (0, 1)) for name, p in preds.items()]
+    for ax, (title, img, cmap, lim) in zip(axes, panels, strict=True):
+        ax.imshow(img, cmap=cmap, vmin=lim[0] if lim else None, vmax=lim[1] if lim else None)
+        ax.contour(clefts[z] != 0, levels=[0.5], colors="cyan", linewidths=0.6)
+        ax.set_title(title, fontsize=9)
+        ax.set_axis_off()
+    fig.suptitle(f"section {z}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("truth", help="a container holding volumes/labels/clefts")
     ap.add_argument("predictions", nargs="+", help="probability volumes (zarr, tiff, ...)")
     ap.add_argument("--radius", type=int, default=6, help="band half-width, in-plane pixels")
+    ap.add_argument("--png", default=None, help="also draw the busiest section of each")
+    ap.add_argument("--names", default=None, help="comma-separated panel titles for --png")
     a = ap.parse_args(argv)
     from bbem.volumes import open_volume
 
     clefts = open_volume(a.truth, "volumes/labels/clefts")[:]
+    preds: dict[str, np.ndarray] = {}
     print(f"| prediction | PR-AUC | detection (chance) | localisation (chance), r={a.radius} px |")
     print("|---|---|---|---|")
-    for path in a.predictions:
-        s = split_scores(open_volume(path)[:], clefts, a.radius)
+    names = a.names.split(",") if a.names else a.predictions
+    for name, path in zip(names, a.predictions, strict=True):
+        p = open_volume(path)
+        pred = p[:].astype(np.float32) / (255.0 if p.dtype == np.uint8 else 1.0)
+        preds[name] = pred
+        s = split_scores(pred, clefts, a.radius)
         print(
-            f"| {path} | {s['pr_auc']:.3f} | {s['detection']:.3f} ({s['detection_chance']:.3f})"
+            f"| {name} | {s['pr_auc']:.3f} | {s['detection']:.3f} ({s['detection_chance']:.3f})"
             f" | {s['localisation']:.3f} ({s['localisation_chance']:.3f}) |"
         )
+    if a.png:
+        plot(open_volume(a.truth, "volumes/raw")[:], clefts, preds, a.png)
     return 0
 
 
