@@ -182,5 +182,5 @@ def test_demo_config_learns(tmp_path, monkeypatch):
     rows = _rows(tmp_path / "demo/metrics.csv")
     frac = float(rows[-1]["val_positive_fraction"])
     assert 0 < frac < 0.01  # clefts are rare, as in real EM
-    # measured: about 10x the cleft fraction after 400 steps on 2 CPU cores
+    # measured: about 16x the cleft fraction (val PR-AUC 0.08) after 800 steps
     assert result["best_pr_auc"] > 5 * frac
