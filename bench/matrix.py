@@ -281,14 +281,16 @@ def append_row(path: Path, row: Mapping[str, Any]) -> None:
 
 
 def git_commit() -> str:
-    """``git rev-parse HEAD``, with ``-dirty`` when tracked files differ from it."""
+    """``git rev-parse HEAD``, with ``-dirty`` when tracked files other than the results
+    (bench/results/, which the matrix itself appends to) differ from it."""
 
     def git(*args: str) -> str:
         r = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
         return r.stdout.strip()
 
     head = git("rev-parse", "HEAD") or "unknown"
-    return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results")
+    return head + ("-dirty" if changed else "")
 
 
 def machine() -> str:

@@ -219,3 +219,22 @@ def test_committed_rows_are_found(tmp_path: Path):
         for r in bb
     ]
     assert matrix.pending(other, results) == other
+
+
+def test_appending_results_does_not_mark_the_commit_dirty(tmp_path: Path, monkeypatch):
+    # the results CSV is tracked and the matrix appends to it: only other changes are "dirty"
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "bench" / "results" / "r.csv").write_text("a\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", ".")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init")
+    monkeypatch.setattr(matrix, "REPO", tmp_path)
+    assert not matrix.git_commit().endswith("-dirty")
+    (tmp_path / "bench" / "results" / "r.csv").write_text("a\n1\n")
+    assert not matrix.git_commit().endswith("-dirty")
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert matrix.git_commit().endswith("-dirty")
