@@ -254,6 +254,10 @@ class LossConfig(_Section):
     #: BCE positive-class weight, or ``auto``: background/foreground ratio of the training labels
     #: (hundreds for clefts: far from calibrated, and slower to learn; see ``pos_fraction``).
     pos_weight: float | Literal["auto"] = 2.0
+    #: BCE weight of the background voxels within ``near_radius`` in-plane pixels of a cleft
+    #: (the hard negatives beside it: the rest of the synaptic density). 1 is plain BCE.
+    near_weight: float = Field(1.0, gt=0.0)
+    near_radius: int = Field(4, ge=1)
 
     @field_validator("pos_weight")
     @classmethod

@@ -43,20 +43,38 @@ class CleftLoss(nn.Module):
 
     pos_weight: torch.Tensor  # a buffer, so it follows the module to the device
 
-    def __init__(self, bce_weight: float, dice_weight: float, pos_weight: float):
+    def __init__(
+        self,
+        bce_weight: float,
+        dice_weight: float,
+        pos_weight: float,
+        near_weight: float = 1.0,
+        near_radius: int = 4,
+    ):
         super().__init__()
         from monai.losses import DiceLoss
 
         self.bce_weight, self.dice_weight = bce_weight, dice_weight
+        self.near_weight, self.near_radius = near_weight, near_radius
         self.register_buffer("pos_weight", torch.tensor([pos_weight]))
         # batch=True: Dice over the whole batch, so a patch without clefts is not a 0/0 case.
         self.dice = DiceLoss(sigmoid=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
 
+    def near_mask(self, target: torch.Tensor) -> torch.Tensor:
+        """Background voxels of ``target`` ``[B, 1, Z, Y, X]`` within ``near_radius`` pixels
+        in-plane of a cleft voxel (an in-plane square max filter)."""
+        r = self.near_radius
+        grown = nn.functional.max_pool3d(target, (1, 2 * r + 1, 2 * r + 1), 1, (0, r, r))
+        return (grown > 0) & (target == 0)
+
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         loss = logits.new_zeros(())
         if self.bce_weight:
+            weight = None
+            if self.near_weight != 1.0:
+                weight = 1.0 + (self.near_weight - 1.0) * self.near_mask(target).to(logits.dtype)
             bce = nn.functional.binary_cross_entropy_with_logits(
-                logits, target, pos_weight=self.pos_weight.to(logits.device)
+                logits, target, weight=weight, pos_weight=self.pos_weight.to(logits.device)
             )
             loss = loss + self.bce_weight * bce
         if self.dice_weight:
@@ -102,7 +120,13 @@ class CleftTask(Task):
         pos_weight = cfg.loss.pos_weight
         if pos_weight == "auto":
             pos_weight = auto_pos_weight(self.dataset.sources)
-        self.loss_fn = CleftLoss(cfg.loss.bce_weight, cfg.loss.dice_weight, float(pos_weight))
+        self.loss_fn = CleftLoss(
+            cfg.loss.bce_weight,
+            cfg.loss.dice_weight,
+            float(pos_weight),
+            cfg.loss.near_weight,
+            cfg.loss.near_radius,
+        )
         self.loss_fn.to(device)
         self.val_volumes = load_val_volumes(cfg)
         if not any(lab.any() for _, lab, _ in self.val_volumes):

@@ -216,20 +216,25 @@ def load(run: Run) -> Any:
     return load_config(run.config, run.sets())
 
 
-#: bb keys that came after the first committed rows, with their defaults (see config_hash)
-LATER_BB_DEFAULTS: dict[str, Any] = {"allocation": "logodds"}
+#: config keys that came after the first committed rows, with their defaults (config_hash)
+LATER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "bb": {"allocation": "logodds"},
+    "loss": {"near_weight": 1.0, "near_radius": 4},
+}
 
 
 def config_hash(cfg: Any, dense: bool) -> str:
-    """A hash of the whole resolved config (as bench/compare_methods.py): the thread count is
+    """A hash of the whole resolved config, the resume key of a run: the thread count is
     left out (speed, not the experiment), a dense run's bb section (it is not used), and
     ``data.root``, which load_config makes absolute: the same run from another clone or
     machine must find its committed row."""
     exclude: dict[str, Any] = {"train": {"threads"}, "data": {"root"}}
+    # keys added after rows were committed, at their defaults: old rows stay found
+    for section, defaults in LATER_DEFAULTS.items():
+        part = getattr(cfg, section)
+        exclude[section] = {k for k, v in defaults.items() if getattr(part, k, v) == v}
     if dense:
         exclude["bb"] = True
-    else:  # keys added after rows were committed, at their defaults: old rows stay found
-        exclude["bb"] = {k for k, v in LATER_BB_DEFAULTS.items() if getattr(cfg.bb, k, v) == v}
     return hashlib.sha1(cfg.model_dump_json(exclude=exclude).encode()).hexdigest()[:10]
 
 

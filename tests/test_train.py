@@ -184,3 +184,30 @@ def test_demo_config_learns(tmp_path, monkeypatch):
     assert 0 < frac < 0.01  # clefts are rare, as in real EM
     # measured: about 16x the cleft fraction (val PR-AUC 0.08) after 800 steps
     assert result["best_pr_auc"] > 5 * frac
+
+
+def test_near_weight_up_weights_the_background_beside_a_cleft():
+    import torch
+    from scipy import ndimage as ndi
+
+    from bbem.train import CleftLoss
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.zeros(2, 1, 3, 24, 24)
+    target[0, 0, 1, 10:12, 4:20] = 1  # a sheet
+    target[1, 0, :, 3, 3] = 1  # a column near a corner: the max filter must not wrap
+    logits = torch.randn(target.shape, generator=g)
+    loss = CleftLoss(1.0, 0.0, pos_weight=2.0, near_weight=5.0, near_radius=3)
+    near = loss.near_mask(target)
+    # oracle: scipy's in-plane square dilation, minus the clefts themselves
+    t = target.numpy()[:, 0] > 0
+    grown = np.stack([ndi.binary_dilation(v, np.ones((1, 7, 7), bool)) for v in t])
+    assert np.array_equal(near.numpy()[:, 0], grown & ~t)
+    # the loss is the BCE with weight 5 on those voxels, 1 elsewhere
+    w = 1.0 + 4.0 * near.float()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, target, weight=w, pos_weight=torch.tensor([2.0])
+    )
+    assert float(loss(logits, target)) == pytest.approx(float(bce), rel=1e-6)
+    plain = CleftLoss(1.0, 0.0, pos_weight=2.0)
+    assert float(plain(logits, target)) < float(loss(logits, target))
