@@ -63,7 +63,9 @@ def plot(raw: np.ndarray, clefts: np.ndarray, preds: dict[str, np.ndarray], path
     z = int(np.argmax((clefts != 0).sum((1, 2))))
     n = 1 + len(preds)
     fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 4.4))
-    panels = [("image, clefts outlined", raw[z], "gray", None)]
+    panels: list[tuple[str, np.ndarray, str, tuple[int, int] | None]] = [
+        ("image, clefts outlined", raw[z], "gray", None)
+    ]
     panels += [(name, p[z], "magma", (0, 1)) for name, p in preds.items()]
     for ax, (title, img, cmap, lim) in zip(axes, panels, strict=True):
         ax.imshow(img, cmap=cmap, vmin=lim[0] if lim else None, vmax=lim[1] if lim else None)
