@@ -23,11 +23,15 @@ from tiny_em import tiny_config, tiny_volumes
 
 from bbem.errors import UserError
 
+STEPS = 300
+
 
 @pytest.fixture
 def config(tmp_path: Path) -> Path:
-    # long enough to be stopped after its first evaluation, short enough for the suite
-    train = {"steps": 60, "eval_every": 10, "checkpoint_every": 5}
+    # long enough to be stopped after its first evaluation even on a loaded machine (the
+    # widget polls once a second; 60 steps once finished before the stop landed), short
+    # enough for the suite
+    train = {"steps": STEPS, "eval_every": 10, "checkpoint_every": 5}
     return tiny_config(tiny_volumes(tmp_path / "vols"), tmp_path / "tiny.yaml", train=train)
 
 
@@ -96,14 +100,14 @@ def test_train_widget_start_stop_resume(qtbot, tmp_path: Path, config: Path, mon
     assert "bbem train --resume" in widget.status.value
     assert widget.start_button.text == "Resume"
     stopped_at = widget.curves.last_step
-    assert 0 < stopped_at < 60
+    assert 0 < stopped_at < STEPS
     # Resume continues the same run to its end
     proc = widget.start()
     assert proc is not None
     assert "--resume" in proc.command
     qtbot.waitUntil(lambda: widget.status.value.startswith("finished"), timeout=120_000)
-    assert widget.curves.last_step == 60
-    assert widget.curves.metrics["step"][-1] == 60
+    assert widget.curves.last_step == STEPS
+    assert widget.curves.metrics["step"][-1] == STEPS
     assert "best val PR-AUC" in widget.status.value
     assert widget.start_button.text == "Start"
     assert errors == []
