@@ -181,8 +181,9 @@ def plot(rows: Sequence[Row], path: Path, key: str = "val_pr_auc") -> Path:
             if m == method and ms is not None:
                 pts.append((float(d), ms))
         pts.sort()
+        nudge = 1 + 0.03 * (i - len(g) / 4)  # side by side on the log axis, so bars stay apart
         ax.errorbar(
-            [d for d, _ in pts],
+            [d * nudge for d, _ in pts],
             [ms[0] for _, ms in pts],
             yerr=[ms[1] for _, ms in pts],
             fmt="o-",
