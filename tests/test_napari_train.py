@@ -4,6 +4,8 @@ viewer, and its Qt-free helpers."""
 from __future__ import annotations
 
 import os
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -123,3 +125,23 @@ def test_train_widget_start_stop_resume(qtbot, tmp_path: Path, config: Path, mon
     assert widget.start() is None
     assert errors
     assert errors[-1].startswith("bbem training failed: config")
+
+
+@pytest.mark.skipif(os.name != "posix", reason="SIGINT dispositions are POSIX")
+def test_stop_works_when_napari_was_started_with_sigint_ignored(tmp_path: Path, config: Path):
+    # a shell script's background job (nohup napari &) inherits SIGINT ignored; the run it
+    # starts must still stop on the Stop button's SIGINT, with bbem's own exit code
+    from napari_bbem.train import TrainingProcess
+
+    run = tmp_path / "run"
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        proc = TrainingProcess.start(config, run)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    deadline = time.monotonic() + 120
+    while not (run / "checkpoints" / "last.pt").is_file() and time.monotonic() < deadline:
+        assert proc.running(), proc.log.read_text()
+        time.sleep(0.01)
+    assert proc.stop(timeout=60) == 130, proc.log.read_text()
+    assert read_curves(run).last_step < STEPS

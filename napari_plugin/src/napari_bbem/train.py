@@ -46,6 +46,12 @@ def train_command(config: str | os.PathLike | None, run_dir: str | os.PathLike) 
     return [sys.executable, "-m", "bbem", "train", str(config), "--run-dir", str(run)]
 
 
+def _interruptible() -> None:
+    """In the child before exec: SIGINT back to its default, so Python installs its own
+    KeyboardInterrupt handler (it keeps an inherited SIG_IGN)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @dataclass
 class TrainingProcess:
     """A ``bbem train`` subprocess; its output goes to ``log`` (a temporary file, since a pipe
@@ -61,7 +67,14 @@ class TrainingProcess:
         command = train_command(config, run_dir)
         fd, log = tempfile.mkstemp(prefix="bbem-train-widget-", suffix=".log")
         with os.fdopen(fd, "wb") as out:
-            proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                command,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                # Stop is Ctrl-C: a napari started with SIGINT ignored (a background job of a
+                # shell script, nohup ... &) would pass that on, and Stop would do nothing
+                preexec_fn=_interruptible if os.name == "posix" else None,
+            )
         return cls(Path(run_dir), command, Path(log), proc)
 
     def running(self) -> bool:
