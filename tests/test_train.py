@@ -173,6 +173,7 @@ def test_existing_run_dir_is_refused(volumes, tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # 800 steps: about 4 minutes on a quiet 2-core machine, 10+ loaded
 def test_demo_config_learns(tmp_path, monkeypatch):
     """The demo config: validation PR-AUC rises well above the cleft fraction."""
     root = Path(__file__).resolve().parents[1]
