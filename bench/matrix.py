@@ -16,8 +16,10 @@ Methods: ``dense``, ``bb`` (the config's mode), ``bb_in``, ``bb_out``, ``bb_tier
 name of one's own, ``noregrow=bb_in:regrow=false``. The evidence issue's ablations are
 ``noregrow=bb_in:regrow=false``, ``spread025=bb_in:spread=0.25``, ``spread1=bb_in:spread=1``,
 ``output=bb_in:probe=output`` (on-rate read at the conv output) and
-``rank=bb_in:allocation=rank`` (degrees from on-rate rank, without the log-odds shape). Dense runs ignore the density: one dense
-run per seed serves every density, recorded once (density_target empty). The same holds for
+``rank=bb_in:allocation=rank`` (degrees from on-rate rank, without the log-odds shape).
+
+Dense runs ignore the density: one dense run per seed serves every density, recorded once
+(density_target empty). The same holds for
 ``baseline_rf``, the random-forest pixel classifier of bench/baseline_rf.py on the same boxes
 with the run's seed: every matrix has its row (one per seed, first) unless ``--no-baseline``,
 so each U-Net figure stands beside the baseline measured in the same matrix. ``--only`` keeps the

@@ -112,14 +112,14 @@ def rank_logit(logit: Tensor) -> Tensor:
     keep the unit order; a single unit, or units all alike, keep their values.
     """
     n = logit.numel()
-    sd = logit.std() if n > 1 else logit.new_zeros(())
-    if n < 2 or float(sd) == 0.0:
+    if n < 2 or float(logit.std()) == 0.0:
         return logit
     ranks = torch.empty_like(logit)
-    order = torch.from_numpy(np.argsort(_f64(logit), kind="stable")).to(logit.device)
-    ranks[order] = torch.arange(n, dtype=logit.dtype, device=logit.device)
+    ranks[torch.argsort(logit, stable=True)] = torch.arange(
+        n, dtype=logit.dtype, device=logit.device
+    )
     z = (ranks - ranks.mean()) / ranks.std()
-    return logit.mean() + sd * z
+    return logit.mean() + logit.std() * z
 
 
 def tier_degrees(
