@@ -258,9 +258,6 @@ class LossConfig(_Section):
     #: (the hard negatives beside it: the rest of the synaptic density). 1 is plain BCE.
     near_weight: float = Field(1.0, gt=0.0)
     near_radius: int = Field(4, ge=1)
-    #: > 0: train on the in-plane signed distance to the cleft, squashed by tanh at this many
-    #: pixels (CREMI's winners), as a soft target for BCE and Dice; 0: the binary labels.
-    distance_scale: float = Field(0.0, ge=0.0)
 
     @field_validator("pos_weight")
     @classmethod

@@ -14,7 +14,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -51,14 +50,12 @@ class CleftLoss(nn.Module):
         pos_weight: float,
         near_weight: float = 1.0,
         near_radius: int = 4,
-        distance_scale: float = 0.0,
     ):
         super().__init__()
         from monai.losses import DiceLoss
 
         self.bce_weight, self.dice_weight = bce_weight, dice_weight
         self.near_weight, self.near_radius = near_weight, near_radius
-        self.distance_scale = distance_scale
         self.register_buffer("pos_weight", torch.tensor([pos_weight]))
         # batch=True: Dice over the whole batch, so a patch without clefts is not a 0/0 case.
         self.dice = DiceLoss(sigmoid=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
@@ -70,40 +67,18 @@ class CleftLoss(nn.Module):
         grown = nn.functional.max_pool3d(target, (1, 2 * r + 1, 2 * r + 1), 1, (0, r, r))
         return (grown > 0) & (target == 0)
 
-    def soft_target(self, target: torch.Tensor) -> torch.Tensor:
-        """``(1 + tanh(d / distance_scale)) / 2`` for ``target`` ``[B, 1, Z, Y, X]`` in {0, 1}:
-        d is the in-plane signed distance to the cleft's edge in pixels (positive inside, edge
-        at +-0.5), the signed-distance target of the CREMI winners (Heinrich et al. 2018) as a
-        probability. Above 0.5 inside a cleft and below outside, falling with the distance, so
-        thresholds and PR-AUC keep their meaning, while the background beside a cleft is told
-        how far off it is instead of only "not a cleft"."""
-        from scipy import ndimage as ndi
-
-        lab = target.detach().cpu().numpy()[:, 0] > 0.5  # [B, Z, Y, X]
-        sd = np.zeros(lab.shape, np.float32)
-        for b, z in np.ndindex(*lab.shape[:2]):
-            sec = lab[b, z]
-            if not sec.any() or sec.all():  # no edge in the section: as far as can be
-                sd[b, z] = np.inf if sec.all() else -np.inf
-                continue
-            sd[b, z] = ndi.distance_transform_edt(sec) - ndi.distance_transform_edt(~sec)
-        sd = np.where(lab, sd - 0.5, sd + 0.5)
-        soft = (1 + np.tanh(sd / self.distance_scale)) / 2
-        return torch.from_numpy(soft[:, None]).to(target.device, target.dtype)
-
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         loss = logits.new_zeros(())
-        goal = self.soft_target(target) if self.distance_scale > 0 else target
         if self.bce_weight:
             weight = None
             if self.near_weight != 1.0:
                 weight = 1.0 + (self.near_weight - 1.0) * self.near_mask(target).to(logits.dtype)
             bce = nn.functional.binary_cross_entropy_with_logits(
-                logits, goal, weight=weight, pos_weight=self.pos_weight.to(logits.device)
+                logits, target, weight=weight, pos_weight=self.pos_weight.to(logits.device)
             )
             loss = loss + self.bce_weight * bce
         if self.dice_weight:
-            loss = loss + self.dice_weight * self.dice(logits, goal)
+            loss = loss + self.dice_weight * self.dice(logits, target)
         return loss
 
 
@@ -151,7 +126,6 @@ class CleftTask(Task):
             float(pos_weight),
             cfg.loss.near_weight,
             cfg.loss.near_radius,
-            cfg.loss.distance_scale,
         )
         self.loss_fn.to(device)
         self.val_volumes = load_val_volumes(cfg)

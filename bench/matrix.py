@@ -221,7 +221,7 @@ def load(run: Run) -> Any:
 #: config keys that came after the first committed rows, with their defaults (config_hash)
 LATER_DEFAULTS: dict[str, dict[str, Any]] = {
     "bb": {"allocation": "logodds"},
-    "loss": {"near_weight": 1.0, "near_radius": 4, "distance_scale": 0.0},
+    "loss": {"near_weight": 1.0, "near_radius": 4},
 }
 
 

@@ -212,36 +212,3 @@ def test_near_weight_up_weights_the_background_beside_a_cleft():
     assert float(loss(logits, target)) == pytest.approx(float(bce), rel=1e-6)
     plain = CleftLoss(1.0, 0.0, pos_weight=2.0)
     assert float(plain(logits, target)) < float(loss(logits, target))
-
-
-def test_distance_target_is_the_squashed_in_plane_signed_distance():
-    import torch
-
-    from bbem.train import CleftLoss
-
-    target = torch.zeros(1, 1, 3, 16, 20)
-    target[0, 0, 1, 7:10, 3:17] = 1  # a 3-pixel sheet in the middle section
-    target[0, 0, 2, 7:10, 3:5] = 1  # and a stub above it
-    loss = CleftLoss(1.0, 1.0, pos_weight=1.0, distance_scale=3.0)
-    soft = loss.soft_target(target).numpy()[0, 0]
-    # oracle: brute-force distance from each pixel to the nearest pixel of the other class in
-    # its section, shifted half a pixel so the edge sits at 0
-    t = target.numpy()[0, 0] > 0
-    want = np.zeros(t.shape)
-    for z in range(t.shape[0]):
-        yy, xx = np.indices(t[z].shape)
-        for y, x in np.ndindex(*t[z].shape):
-            other = ~t[z] if t[z, y, x] else t[z]
-            if not other.any():
-                want[z, y, x] = -np.inf
-                continue
-            d = np.sqrt((yy[other] - y) ** 2 + (xx[other] - x) ** 2).min() - 0.5
-            want[z, y, x] = d if t[z, y, x] else -d
-    np.testing.assert_allclose(soft, (1 + np.tanh(want / 3.0)) / 2, atol=1e-6)
-    assert (soft[t] > 0.5).all()
-    assert (soft[~t] < 0.5).all()
-    assert (soft[0] == 0).all()  # a section without clefts is all background
-    # the loss trains towards it: the soft target itself scores lower than the binary one
-    logit = torch.logit(torch.from_numpy(soft).clamp(1e-4, 1 - 1e-4))[None, None]
-    binary = torch.logit(target.clamp(1e-4, 1 - 1e-4))
-    assert float(loss(logit, target)) < float(loss(binary, target))
