@@ -18,6 +18,12 @@ name of one's own, ``noregrow=bb_in:regrow=false``. The evidence issue's ablatio
 ``output=bb_in:probe=output`` (on-rate read at the conv output) and
 ``rank=bb_in:allocation=rank`` (degrees from on-rate rank, without the log-odds shape).
 
+A companion config (``configs/asr_quick.yaml``, ``configs/faceid.yaml``: a top-level ``task``)
+runs through the same matrix with the companion's own scores (WER, CER and WER by word
+frequency; top-1, ROC AUC and TAR at FAR 1e-2 and 1e-3) and diagnostics, one CSV per config;
+use its methods ``dense,bb,magnitude,random`` (``bb``: the config's per-layer modes). The
+random-forest baseline is EM's and is left out there.
+
 Dense runs ignore the density: one dense run per seed serves every density, recorded once
 (density_target empty). The same holds for
 ``baseline_rf``, the random-forest pixel classifier of bench/baseline_rf.py on the same boxes
@@ -91,26 +97,55 @@ QUICK_SETS = (
     "bb.refresh_every=4",
 )
 
-COLUMNS = (
-    "config",
-    "config_hash",
-    "method",
-    "density_target",
-    "seed",
-    "steps",
-    "density_achieved",
-    "param_density",
-    "val_pr_auc",
-    "val_pr_auc_best",
-    "best_step",
-    "val_f1_best",
-    "val_threshold",
-    "object_f1_iou02",
-    "object_f1_iou05",
-    "cremi_score",
-    "entropy_mean",
-    "decorrelation",
-    "balance_r2",
+#: the run's identity, then its scores (per task), then how it ran
+ID_COLUMNS = ("config", "config_hash", "method", "density_target", "seed", "steps")
+SCORE_COLUMNS: dict[str, tuple[str, ...]] = {
+    "em": (
+        "density_achieved",
+        "param_density",
+        "val_pr_auc",
+        "val_pr_auc_best",
+        "best_step",
+        "val_f1_best",
+        "val_threshold",
+        "object_f1_iou02",
+        "object_f1_iou05",
+        "cremi_score",
+        "entropy_mean",
+        "decorrelation",
+        "balance_r2",
+    ),
+    # the companions: their own validation numbers (bbem.companions), same diagnostics
+    "asr": (
+        "density_achieved",
+        "param_density",
+        "val_wer",
+        "val_cer",
+        "val_wer_head",
+        "val_wer_middle",
+        "val_wer_tail",
+        "best_score",
+        "best_step",
+        "entropy_mean",
+        "decorrelation",
+        "balance_r2",
+    ),
+    "faceid": (
+        "density_achieved",
+        "param_density",
+        "val_top1",
+        "val_auc",
+        "val_tar_far1e-2",
+        "val_tar_far1e-3",
+        "val_real_auc",
+        "best_score",
+        "best_step",
+        "entropy_mean",
+        "decorrelation",
+        "balance_r2",
+    ),
+}
+RUN_COLUMNS = (
     "seconds_per_step",
     "train_seconds",
     "score_seconds",
@@ -121,6 +156,16 @@ COLUMNS = (
     "command",
     "commit",
 )
+
+
+def columns(task: str) -> tuple[str, ...]:
+    """The CSV header of a ``task``'s results (a companion's rows also name their task)."""
+    extra = () if task == "em" else ("task",)
+    return (*ID_COLUMNS[:1], *extra, *ID_COLUMNS[1:], *SCORE_COLUMNS[task], *RUN_COLUMNS)
+
+
+#: the EM task's header (the committed CSVs' columns)
+COLUMNS = columns("em")
 
 
 @dataclass(frozen=True)
@@ -212,7 +257,33 @@ def plan(
     return [r for r in runs if matches(r, only)]
 
 
+def task_of(config: str) -> str:
+    """``em`` for a bbem train config; a companion's name (``asr``, ``faceid``) for its config,
+    whose top-level ``task`` key names it."""
+    import yaml
+
+    with Path(config).open() as f:
+        doc = yaml.safe_load(f) or {}
+    task = doc.get("task", "em") if isinstance(doc, dict) else "em"
+    if task not in SCORE_COLUMNS:
+        raise SystemExit(f"{config}: task {task!r} has no matrix columns ({sorted(SCORE_COLUMNS)})")
+    return str(task)
+
+
+def companion(task: str) -> Any:
+    """The companion module of ``task`` (its DEFAULTS and run)."""
+    import importlib
+
+    return importlib.import_module(f"bbem.companions.{task}")
+
+
 def load(run: Run) -> Any:
+    """The run's config: a RunConfig for EM, a companion's merged dict otherwise."""
+    task = task_of(run.config)
+    if task != "em":
+        from bbem.companions.common import load_config as load_companion
+
+        return load_companion(run.config, companion(task).DEFAULTS, run.sets())
     from bbem.config import load_config
 
     return load_config(run.config, run.sets())
@@ -223,6 +294,18 @@ LATER_DEFAULTS: dict[str, dict[str, Any]] = {
     "bb": {"allocation": "logodds"},
     "loss": {"near_weight": 1.0, "near_radius": 4},
 }
+
+
+def companion_hash(cfg: Mapping[str, Any], dense: bool) -> str:
+    """:func:`config_hash` of a companion's config dict: the same exclusions."""
+    import json
+
+    c = {k: dict(v) if isinstance(v, Mapping) else v for k, v in cfg.items()}
+    c["train"] = {k: v for k, v in c.get("train", {}).items() if k not in ("threads", "quiet")}
+    if dense:
+        c.pop("bb", None)
+    text = json.dumps(c, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
 def config_hash(cfg: Any, dense: bool) -> str:
@@ -244,6 +327,8 @@ def run_hash(run: Run) -> str:
     """The resume key of ``run``: :func:`config_hash`, or for the baseline a hash of the data
     section alone (the forest reads nothing else of the config)."""
     cfg = load(run)
+    if isinstance(cfg, Mapping):
+        return companion_hash(cfg, run.method.dense)
     if run.method.baseline:
         data = cfg.data.model_dump_json(exclude={"root"})
         return hashlib.sha1(f"baseline_rf {data}".encode()).hexdigest()[:10]
@@ -271,7 +356,7 @@ def read_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def append_row(path: Path, row: Mapping[str, Any]) -> None:
+def append_row(path: Path, row: Mapping[str, Any], header: Sequence[str] = COLUMNS) -> None:
     """Append ``row`` under a lock: read, append, write a temporary, rename (bbem.atomic)."""
     from bbem.atomic import atomic_output, output_lock
 
@@ -282,7 +367,7 @@ def append_row(path: Path, row: Mapping[str, Any]) -> None:
             atomic_output(path, overwrite=True, kind="text") as tmp,
             tmp.open("w", newline="") as f,
         ):
-            w = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
+            w = csv.DictWriter(f, header, extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
 
@@ -408,19 +493,65 @@ def execute_baseline(run: Run, out: Path, command: str) -> dict[str, Any]:
     }
 
 
+def fresh_run_dir(run: Run, out: Path, name: str, key: str) -> Path:
+    """``out/<name>-<method>[-d<density>]-s<seed>-<key>``, emptied: an unfinished run's folder
+    (a finished one has its CSV row and is never run again)."""
+    d = "" if run.density is None else f"-d{run.density:g}"
+    safe = "".join(c if c.isalnum() or c in "._-" else "-" for c in run.method.name)
+    run_dir = out / f"{name}-{safe}{d}-s{run.seed}-{key}"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    return run_dir
+
+
+def execute_companion(run: Run, task: str, out: Path, command: str) -> dict[str, Any]:
+    """Train a companion run (``bbem asr`` / ``bbem faceid``) and return its CSV row: the last
+    evaluation's numbers, which the companion computes itself."""
+    cfg = load(run)
+    cfg["train"]["quiet"] = True
+    key = run_hash(run)
+    run_dir = fresh_run_dir(run, out, Path(run.config).stem, key)
+    t0 = time.perf_counter()
+    r = companion(task).run(cfg, run_dir)
+    t1 = time.perf_counter()
+    dense = run.method.dense
+    return {
+        "config": run.config,
+        "task": task,
+        "config_hash": key,
+        "method": run.method.name,
+        "density_target": density_text(run.density),
+        "seed": run.seed,
+        "steps": int(r["step"]),
+        "density_achieved": r["density"],
+        "param_density": 1.0 if dense else r.get("bb_param_density", ""),
+        **{k: r.get(k, "") for k in SCORE_COLUMNS[task] if k.startswith("val_")},
+        "best_score": r.get("best_score", ""),
+        "best_step": r.get("best_step", ""),
+        "entropy_mean": "" if dense else r.get("bb_entropy_mean", ""),
+        "decorrelation": r.get("val_decorrelation", ""),
+        "balance_r2": "" if dense else r.get("bb_balance_r2", ""),
+        "seconds_per_step": round((t1 - t0) / max(int(r["step"]), 1), 4),
+        "train_seconds": round(t1 - t0, 1),
+        "score_seconds": 0.0,
+        "overrides": " ".join(run.overrides),
+        "run_dir": str(run_dir),
+        **provenance(command),
+    }
+
+
 def execute(run: Run, out: Path, command: str) -> dict[str, Any]:
     """Train ``run`` in a fresh run directory, score it, and return its CSV row."""
     from bbem.train import train
 
     if run.method.baseline:
         return execute_baseline(run, out, command)
+    task = task_of(run.config)
+    if task != "em":
+        return execute_companion(run, task, out, command)
     cfg = load(run)
     key = run_hash(run)
-    d = "" if run.density is None else f"-d{run.density:g}"
-    safe = "".join(c if c.isalnum() or c in "._-" else "-" for c in run.method.name)
-    run_dir = out / f"{cfg.name}-{safe}{d}-s{run.seed}-{key}"
-    if run_dir.exists():  # an unfinished run (a finished one has its CSV row)
-        shutil.rmtree(run_dir)
+    run_dir = fresh_run_dir(run, out, cfg.name, key)
     val = val_volume(cfg, out)
     t0 = time.perf_counter()
     r = train(cfg, run_dir=run_dir, progress=False)
@@ -497,9 +628,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = parse_args(argv)
+    task = task_of(a.config)
     methods = [parse_method(m) for m in a.methods.split(",")]
-    if not a.no_baseline and BASELINE not in methods:
-        methods.insert(0, BASELINE)
+    if task == "em" and not a.no_baseline and BASELINE not in methods:
+        methods.insert(0, BASELINE)  # the forest reads EM volumes only
+    if task != "em" and BASELINE in methods:
+        raise SystemExit(f"{BASELINE.name} is the EM pixel classifier: not a {task} method")
     runs = plan(
         a.config,
         methods,
@@ -521,11 +655,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.dry_run:
             continue
         row = execute(run, Path(a.out), command)
-        append_row(results, row)
+        append_row(results, row, columns(task))
+        score = SCORE_COLUMNS[task][2]  # the headline: PR-AUC, WER, top-1
         print(
-            f"  PR-AUC {row['val_pr_auc']:.3f}, object F1 {row['object_f1_iou02']:.3f}, "
-            f"{row['train_seconds']:.0f} s training",
-            flush=True,
+            f"  {score} {float(row[score]):.3f}, {row['train_seconds']:.0f} s training", flush=True
         )
     return 0
 

@@ -1,10 +1,12 @@
 """The README's section from bench/matrix.py result CSVs: a markdown table and a plot.
 
-Per method and density: mean ± sd over seeds (sample sd, n - 1) of PR-AUC, best F1, object F1
-at IoU 0.2, CREMI score, achieved density and the diagnostics. Then, per density, each BB
-variant against magnitude and random on final PR-AUC: a win (or a loss) only when the
+Per method and density: mean ± sd over seeds (sample sd, n - 1) of the task's scores (EM:
+PR-AUC, best F1, object F1 at IoU 0.2, CREMI score; speech: WER, CER, head and tail WER;
+faces: top-1, ROC AUC, TAR at FAR 1e-2 and 1e-3; :data:`TASKS`), the achieved density and the
+diagnostics. Then, per density, each BB variant against magnitude, random, dense (and the
+forest, for EM) on the task's final score (PR-AUC, WER, top-1): a win (or a loss) only when the
 difference of the means exceeds the larger of the two seed sds; otherwise a tie; with one seed
-on either side, no call. The plot: final PR-AUC against target density per method (mean, sd
+on either side, no call. The plot: that score against target density per method (mean, sd
 error bars, log x; dense and the baseline as bands across all densities).
 
     .venv/bin/python bench/table.py bench/results/real_bb.csv --md out.md --png out.png
@@ -18,24 +20,74 @@ import math
 import statistics
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 #: (CSV column, heading, decimals)
-METRICS = (
-    ("val_pr_auc", "PR-AUC", 3),
-    ("val_f1_best", "best F1", 3),
-    ("object_f1_iou02", "object F1 IoU 0.2", 3),
-    ("cremi_score", "CREMI score", 1),
+DIAGNOSTICS = (
     ("density_achieved", "edge density", 3),
     ("param_density", "param density", 3),
     ("entropy_mean", "on-rate entropy", 3),
     ("decorrelation", "decorrelation", 3),
     ("balance_r2", "balance R²", 3),
 )
-RULE = (
-    "A win (loss) is called only when the difference of mean PR-AUC exceeds the larger of the "
-    "two seed standard deviations; a smaller difference is a tie; with one seed: no call."
+METRICS = (
+    ("val_pr_auc", "PR-AUC", 3),
+    ("val_f1_best", "best F1", 3),
+    ("object_f1_iou02", "object F1 IoU 0.2", 3),
+    ("cremi_score", "CREMI score", 1),
+    *DIAGNOSTICS,
 )
+
+
+@dataclass(frozen=True)
+class TaskView:
+    """How a task's rows are shown: its columns, and the score methods are called on."""
+
+    metrics: tuple[tuple[str, str, int], ...]
+    key: str  # the score of the comparisons and the plot
+    label: str
+    higher_is_better: bool = True
+
+
+#: by the rows' ``task`` column (EM rows have none)
+TASKS = {
+    "em": TaskView(METRICS, "val_pr_auc", "validation PR-AUC"),
+    "asr": TaskView(
+        (
+            ("val_wer", "WER", 3),
+            ("val_cer", "CER", 3),
+            ("val_wer_head", "WER head", 3),
+            ("val_wer_tail", "WER tail", 3),
+            *DIAGNOSTICS,
+        ),
+        "val_wer",
+        "word error rate",
+        higher_is_better=False,
+    ),
+    "faceid": TaskView(
+        (
+            ("val_top1", "top-1", 3),
+            ("val_auc", "ROC AUC (unseen ids)", 3),
+            ("val_tar_far1e-2", "TAR @ FAR 1e-2", 3),
+            ("val_tar_far1e-3", "TAR @ FAR 1e-3", 3),
+            *DIAGNOSTICS,
+        ),
+        "val_top1",
+        "top-1 identification",
+    ),
+}
+
+
+def rule(view: TaskView) -> str:
+    better = "" if view.higher_is_better else " (lower is better)"
+    return (
+        f"A win (loss) is called only when the difference of mean {view.label}{better} exceeds "
+        "the larger of the two seed standard deviations; a smaller difference is a tie; with "
+        "one seed: no call."
+    )
+
+
 Row = Mapping[str, str]
 
 
@@ -86,13 +138,22 @@ def groups(rows: Sequence[Row]) -> dict[tuple[str, str], list[Row]]:
     return dict(sorted(out.items(), key=lambda kv: (order.index(kv[0][0]), -float(kv[0][1] or 2))))
 
 
-def call(a: Sequence[float], b: Sequence[float]) -> str:
+def task_view(rows: Sequence[Row]) -> TaskView:
+    """The view of the rows' task (``em`` when they name none); one task per table."""
+    tasks = {r.get("task") or "em" for r in rows}
+    if len(tasks) > 1:
+        raise SystemExit(f"one task per table, got rows of {sorted(tasks)}")
+    return TASKS[tasks.pop() if tasks else "em"]
+
+
+def call(a: Sequence[float], b: Sequence[float], higher_is_better: bool = True) -> str:
     """``win`` / ``loss`` of ``a`` against ``b`` beyond the larger sd, ``tie``, or no call."""
     if len(a) < 2 or len(b) < 2:
         return "one seed: no call"
     (ma, sa), (mb, sb) = mean_sd(a), mean_sd(b)  # type: ignore[misc]
     diff, spread = ma - mb, max(sa, sb)
-    word = "tie" if abs(diff) <= spread else ("win" if diff > 0 else "loss")
+    better = diff > 0 if higher_is_better else diff < 0
+    word = "tie" if abs(diff) <= spread else ("win" if better else "loss")
     return f"{word} ({diff:+.3f}, spread {spread:.3f})"
 
 
@@ -101,15 +162,18 @@ def is_bb(method: str) -> bool:
 
 
 def summary_table(rows: Sequence[Row]) -> list[str]:
-    head = "| method | density | " + " | ".join(m[1] for m in METRICS) + " | seeds |"
-    lines = [head, "|" + "---|" * (len(METRICS) + 3)]
+    metrics = task_view(rows).metrics
+    head = "| method | density | " + " | ".join(m[1] for m in metrics) + " | seeds |"
+    lines = [head, "|" + "---|" * (len(metrics) + 3)]
     for (method, dens), rs in groups(rows).items():
-        cells = [cell(values(rs, k), digits) for k, _, digits in METRICS]
+        cells = [cell(values(rs, k), digits) for k, _, digits in metrics]
         lines.append(f"| {method} | {dens or 'all'} | " + " | ".join(cells) + f" | {len(rs)} |")
     return lines
 
 
-def comparisons(rows: Sequence[Row], key: str = "val_pr_auc") -> list[str]:
+def comparisons(rows: Sequence[Row]) -> list[str]:
+    view = task_view(rows)
+    key = view.key
     g = groups(rows)
     densities = sorted({d for _, d in g if d}, key=float, reverse=True)
     methods = list(dict.fromkeys(m for m, _ in g))
@@ -122,7 +186,7 @@ def comparisons(rows: Sequence[Row], key: str = "val_pr_auc") -> list[str]:
             cells = []
             for rival in rivals:
                 b = g.get((rival, d)) or g.get((rival, ""))  # dense and baseline: all densities
-                cells.append(call(a, values(b, key)) if b else "-")
+                cells.append(call(a, values(b, key), view.higher_is_better) if b else "-")
             lines.append(f"| {d} | {m} | " + " | ".join(cells) + " |")
     return lines
 
@@ -139,15 +203,21 @@ def provenance(rows: Sequence[Row]) -> list[str]:
 
 
 def markdown(rows: Sequence[Row], title: str = "BB against dense, magnitude and random") -> str:
+    view = task_view(rows)
+    once = (
+        "Dense and the random-forest baseline (`baseline_rf`) are"
+        if view is TASKS["em"]
+        else "Dense is"
+    )
+    score = view.label[0].upper() + view.label[1:]
     parts = [
         f"### {title}",
         "",
-        "Mean ± sd over seeds (sample sd). Dense and the random-forest baseline"
-        " (`baseline_rf`) are one run per seed for all densities.",
+        f"Mean ± sd over seeds (sample sd). {once} one run per seed for all densities.",
         "",
         *summary_table(rows),
         "",
-        f"Final PR-AUC, BB against the baselines. {RULE}",
+        f"{score} (final), BB against the baselines. {rule(view)}",
         "",
         *comparisons(rows),
         "",
@@ -157,13 +227,15 @@ def markdown(rows: Sequence[Row], title: str = "BB against dense, magnitude and 
     return "\n".join(parts) + "\n"
 
 
-def plot(rows: Sequence[Row], path: Path, key: str = "val_pr_auc") -> Path:
-    """PR-AUC against target density per method, sd error bars; dense as a band."""
+def plot(rows: Sequence[Row], path: Path) -> Path:
+    """The task's score against target density per method, sd error bars; dense as a band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    view = task_view(rows)
+    key = view.key
     g = groups(rows)
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     densities = sorted({float(d) for _, d in g if d})
@@ -195,7 +267,7 @@ def plot(rows: Sequence[Row], path: Path, key: str = "val_pr_auc") -> Path:
     if densities:
         ax.set_xticks(densities, [f"{d:g}" for d in densities])
         ax.minorticks_off()
-    ax.set(xlabel="target density (kept fraction of edges)", ylabel="validation PR-AUC (final)")
+    ax.set(xlabel="target density (kept fraction of edges)", ylabel=f"{view.label} (final)")
     seeds = sorted({r.get("seed", "") for r in rows})
     ax.set_title(f"mean ± sd over {len(seeds)} seed(s)", fontsize=9)
     ax.grid(alpha=0.3)

@@ -69,6 +69,16 @@ def test_pair_scores_split_same_and_different():
     assert faceid.verification(emb, np.array([0, 0, 1, 1]))["auc"] == 1.0
 
 
+def test_verification_reports_tar_at_both_false_accept_rates(rng):
+    labels = np.repeat(np.arange(40), 5)  # 19,500 impostor pairs: FAR 1e-3 lets 19 through
+    emb = rng.normal(size=(200, 8)) + 1.5 * rng.normal(size=(40, 8))[labels]
+    v = faceid.verification(emb, labels)
+    g, i = faceid.pair_scores(emb, labels)
+    assert v["tar_far1e-2"] == faceid.tar_at_far(g, i, 1e-2)
+    assert v["tar_far1e-3"] == faceid.tar_at_far(g, i, 1e-3)
+    assert 0 < v["tar_far1e-3"] < v["tar_far1e-2"] < 1  # stricter FAR, fewer accepted
+
+
 # -- data -----------------------------------------------------------------------------------------
 
 

@@ -238,3 +238,57 @@ def test_appending_results_does_not_mark_the_commit_dirty(tmp_path: Path, monkey
     assert not matrix.git_commit().endswith("-dirty")
     (tmp_path / "code.py").write_text("x = 2\n")
     assert matrix.git_commit().endswith("-dirty")
+
+
+def test_companion_matrix_rows_and_table(tmp_path: Path, monkeypatch):
+    """A companion config runs through the same matrix: its own scores, resume, its table."""
+    monkeypatch.chdir(tmp_path)  # the face cache goes under data/ here
+    cfg = {
+        "task": "faceid",
+        "data": {"n_known": 12, "train_per_id": 4, "test_per_id": 2, "n_unseen": 6,
+                 "unseen_per_id": 3, "size": 24, "real_check": False},
+        "model": {"width": 8, "stages": [[8, 16, 1, 2]], "embed": 16},
+        "bb": {"warmup_steps": 2, "ramp_steps": 2, "refresh_every": 1},
+        "optim": {"batch_size": 16, "warmup_steps": 1},
+        "train": {"steps": 4, "eval_every": 4, "checkpoint_every": 4, "threads": 1},
+    }  # fmt: skip
+    path = tmp_path / "face.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    results = tmp_path / "face.csv"
+    argv = ["--config", str(path), "--methods", "dense,bb,magnitude", "--densities", "0.5",
+            "--seeds", "0,1", "--results", str(results), "--out", str(tmp_path / "runs")]  # fmt: skip
+    assert matrix.main(argv) == 0
+    rows = _rows(results)
+    with results.open() as f:
+        assert next(csv.reader(f)) == list(matrix.columns("faceid"))
+    # no forest row: it is the EM pixel classifier
+    assert [(r["method"], r["seed"]) for r in rows] == [
+        ("dense", "0"), ("bb", "0"), ("magnitude", "0"),
+        ("dense", "1"), ("bb", "1"), ("magnitude", "1"),
+    ]  # fmt: skip
+    for r in rows:
+        assert r["task"] == "faceid"
+        last = _rows(Path(r["run_dir"]) / "metrics.csv")[-1]
+        assert float(r["val_top1"]) == pytest.approx(float(last["val_top1"]))
+        assert float(r["val_tar_far1e-3"]) == pytest.approx(float(last["val_tar_far1e-3"]))
+    assert float(rows[1]["density_achieved"]) == pytest.approx(0.5, abs=0.02)
+    assert matrix.main(argv) == 0  # resumed: nothing left to train
+    assert len(_rows(results)) == 6
+    md = table.markdown(table.read([results]))
+    assert "| top-1 | ROC AUC (unseen ids) | TAR @ FAR 1e-2 | TAR @ FAR 1e-3 |" in md
+    assert "baseline_rf" not in md
+    png = table.plot(table.read([results]), tmp_path / "face.png")
+    assert png.stat().st_size > 0
+    with pytest.raises(SystemExit, match="EM pixel classifier"):
+        matrix.main([*argv, "--methods", "baseline_rf,dense"])
+
+
+def test_table_calls_follow_the_tasks_direction():
+    # word error rate: lower is better, so the lower mean wins
+    assert table.call([0.30, 0.32], [0.50, 0.52], higher_is_better=False).startswith("win")
+    assert table.call([0.50, 0.52], [0.30, 0.32], higher_is_better=False).startswith("loss")
+    rows = [{"method": "bb", "density_target": "0.1", "seed": "0", "val_wer": "0.3",
+             "task": "asr"}, {"method": "dense", "density_target": "", "seed": "0",
+             "val_wer": "0.3"}]  # fmt: skip
+    with pytest.raises(SystemExit, match="one task per table"):
+        table.task_view(rows)

@@ -487,9 +487,16 @@ def pair_scores(emb: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.nda
     return s[iu][same], s[iu][~same]
 
 
-def verification(emb: np.ndarray, labels: np.ndarray, far: float = 1e-2) -> dict[str, float]:
+def verification(emb: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """ROC AUC and TAR at FAR 1e-2 and 1e-3 (``tar_far1e-2``, ``tar_far1e-3``) over every pair
+    of ``emb`` ``[N, D]``. At 1e-3 a set needs a few thousand impostor pairs (the default
+    100 unseen identities of 6 images give 178k) for the threshold to mean anything."""
     g, i = pair_scores(emb, labels)
-    return {"auc": roc_auc(g, i), "tar": tar_at_far(g, i, far)}
+    return {
+        "auc": roc_auc(g, i),
+        "tar_far1e-2": tar_at_far(g, i, 1e-2),
+        "tar_far1e-3": tar_at_far(g, i, 1e-3),
+    }
 
 
 # -- real-image check ------------------------------------------------------------------------------
@@ -630,12 +637,13 @@ class FaceTask(Task):
         out = {
             "val_top1": top1,
             "val_auc": v["auc"],
-            "val_tar_far1e-2": v["tar"],
+            "val_tar_far1e-2": v["tar_far1e-2"],
+            "val_tar_far1e-3": v["tar_far1e-3"],
             "val_decorrelation": units.decorrelation(),
         }
         if self.real_aug is not None:
             r = verification(_embed(model, self.real_aug[0]), self.real_aug[1])
-            out |= {"val_real_auc": r["auc"], "val_real_tar_far1e-2": r["tar"]}
+            out |= {"val_real_auc": r["auc"], "val_real_tar_far1e-2": r["tar_far1e-2"]}
         return Evaluation(out)
 
 
