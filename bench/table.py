@@ -237,15 +237,21 @@ def plot(rows: Sequence[Row], path: Path) -> Path:
     view = task_view(rows)
     key = view.key
     g = groups(rows)
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    methods = list(dict.fromkeys(m for m, _ in g))
+    # one colour a method: tab10 while it lasts, tab20 beyond (no two rows alike)
+    cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+    colour = {m: cmap(i) for i, m in enumerate(methods)}
+    fig, ax = plt.subplots(figsize=(8.0, 4.2))
     densities = sorted({float(d) for _, d in g if d})
-    for i, method in enumerate(dict.fromkeys(m for m, _ in g)):
+    for i, method in enumerate(methods):
         if (method, "") in g:  # dense: one run per seed for every density
             ms = mean_sd(values(g[(method, "")], key))
             if ms and densities:
-                ax.axhline(ms[0], color=f"C{i}", label=f"{method} (all densities)")
+                ax.axhline(ms[0], color=colour[method], label=f"{method} (all densities)")
                 lo, hi = min(densities) * 0.9, max(densities) * 1.1
-                ax.fill_between([lo, hi], ms[0] - ms[1], ms[0] + ms[1], color=f"C{i}", alpha=0.15)
+                ax.fill_between(
+                    [lo, hi], ms[0] - ms[1], ms[0] + ms[1], color=colour[method], alpha=0.15
+                )
             continue
         pts: list[tuple[float, tuple[float, float]]] = []
         for (m, d), rs in g.items():
@@ -260,7 +266,7 @@ def plot(rows: Sequence[Row], path: Path) -> Path:
             yerr=[ms[1] for _, ms in pts],
             fmt="o-",
             capsize=3,
-            color=f"C{i}",
+            color=colour[method],
             label=method,
         )
     ax.set_xscale("log")
@@ -271,7 +277,7 @@ def plot(rows: Sequence[Row], path: Path) -> Path:
     seeds = sorted({r.get("seed", "") for r in rows})
     ax.set_title(f"mean ± sd over {len(seeds)} seed(s)", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the data
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
