@@ -504,6 +504,31 @@ def fresh_run_dir(run: Run, out: Path, name: str, key: str) -> Path:
     return run_dir
 
 
+def trained_row(
+    run: Run, key: str, r: Mapping[str, Any], run_dir: Path, seconds: float, command: str
+) -> dict[str, Any]:
+    """The columns every trained row has, from the engine's last metrics row ``r``: identity,
+    density, BB diagnostics (empty for dense), training time and provenance."""
+    dense = run.method.dense
+    return {
+        "config": run.config,
+        "config_hash": key,
+        "method": run.method.name,
+        "density_target": density_text(run.density),
+        "seed": run.seed,
+        "steps": int(r["step"]),
+        "density_achieved": r["density"],
+        "param_density": 1.0 if dense else r.get("bb_param_density", ""),
+        "entropy_mean": "" if dense else r.get("bb_entropy_mean", ""),
+        "balance_r2": "" if dense else r.get("bb_balance_r2", ""),
+        "seconds_per_step": round(seconds / max(int(r["step"]), 1), 4),
+        "train_seconds": round(seconds, 1),
+        "overrides": " ".join(run.overrides),
+        "run_dir": str(run_dir),
+        **provenance(command),
+    }
+
+
 def execute_companion(run: Run, task: str, out: Path, command: str) -> dict[str, Any]:
     """Train a companion run (``bbem asr`` / ``bbem faceid``) and return its CSV row: the last
     evaluation's numbers, which the companion computes itself."""
@@ -513,30 +538,15 @@ def execute_companion(run: Run, task: str, out: Path, command: str) -> dict[str,
     run_dir = fresh_run_dir(run, out, Path(run.config).stem, key)
     t0 = time.perf_counter()
     r = companion(task).run(cfg, run_dir)
-    t1 = time.perf_counter()
-    dense = run.method.dense
+    seconds = time.perf_counter() - t0
     return {
-        "config": run.config,
+        **trained_row(run, key, r, run_dir, seconds, command),
         "task": task,
-        "config_hash": key,
-        "method": run.method.name,
-        "density_target": density_text(run.density),
-        "seed": run.seed,
-        "steps": int(r["step"]),
-        "density_achieved": r["density"],
-        "param_density": 1.0 if dense else r.get("bb_param_density", ""),
         **{k: r.get(k, "") for k in SCORE_COLUMNS[task] if k.startswith("val_")},
         "best_score": r.get("best_score", ""),
         "best_step": r.get("best_step", ""),
-        "entropy_mean": "" if dense else r.get("bb_entropy_mean", ""),
         "decorrelation": r.get("val_decorrelation", ""),
-        "balance_r2": "" if dense else r.get("bb_balance_r2", ""),
-        "seconds_per_step": round((t1 - t0) / max(int(r["step"]), 1), 4),
-        "train_seconds": round(t1 - t0, 1),
         "score_seconds": 0.0,
-        "overrides": " ".join(run.overrides),
-        "run_dir": str(run_dir),
-        **provenance(command),
     }
 
 
@@ -557,31 +567,15 @@ def execute(run: Run, out: Path, command: str) -> dict[str, Any]:
     r = train(cfg, run_dir=run_dir, progress=False)
     t1 = time.perf_counter()
     s = score(run_dir, cfg, float(r["val_threshold_best"]), val)
-    t2 = time.perf_counter()
-    dense = run.method.dense
     return {
-        "config": run.config,
-        "config_hash": key,
-        "method": run.method.name,
-        "density_target": density_text(run.density),
-        "seed": run.seed,
-        "steps": int(r["step"]),
-        "density_achieved": r["density"],
-        "param_density": 1.0 if dense else r.get("bb_param_density", ""),
+        **trained_row(run, key, r, run_dir, t1 - t0, command),
         "val_pr_auc": r["val_pr_auc"],
         "val_pr_auc_best": r["best_pr_auc"],
         "best_step": r["best_step"],
         "val_f1_best": r["val_f1_best"],
         "val_threshold": r["val_threshold_best"],
         **s,
-        "entropy_mean": "" if dense else r.get("bb_entropy_mean", ""),
-        "balance_r2": "" if dense else r.get("bb_balance_r2", ""),
-        "seconds_per_step": round((t1 - t0) / max(int(r["step"]), 1), 4),
-        "train_seconds": round(t1 - t0, 1),
-        "score_seconds": round(t2 - t1, 1),
-        "overrides": " ".join(run.overrides),
-        "run_dir": str(run_dir),
-        **provenance(command),
+        "score_seconds": round(time.perf_counter() - t1, 1),
     }
 
 
