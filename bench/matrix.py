@@ -260,11 +260,9 @@ def plan(
 def task_of(config: str) -> str:
     """``em`` for a bbem train config; a companion's name (``asr``, ``faceid``) for its config,
     whose top-level ``task`` key names it."""
-    import yaml
+    from bbem.configfile import read_config
 
-    with Path(config).open() as f:
-        doc = yaml.safe_load(f) or {}
-    task = doc.get("task", "em") if isinstance(doc, dict) else "em"
+    task = read_config(config, example="configs/bench/real_bb.yaml").get("task", "em")
     if task not in SCORE_COLUMNS:
         raise SystemExit(f"{config}: task {task!r} has no matrix columns ({sorted(SCORE_COLUMNS)})")
     return str(task)
@@ -621,7 +619,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    a = parse_args(argv)
+    from bbem.errors import UserError
+
+    try:
+        return run_matrix(parse_args(argv), argv)
+    except UserError as e:  # a bad config or value: one line, as the bbem commands say it
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run_matrix(a: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    """Plan the matrix, skip the runs with rows, train and append the rest."""
     task = task_of(a.config)
     methods = [parse_method(m) for m in a.methods.split(",")]
     if task == "em" and not a.no_baseline and BASELINE not in methods:

@@ -292,3 +292,15 @@ def test_table_calls_follow_the_tasks_direction():
              "val_wer": "0.3"}]  # fmt: skip
     with pytest.raises(SystemExit, match="one task per table"):
         table.task_view(rows)
+
+
+def test_a_bad_config_is_one_line_and_exit_2(tmp_path: Path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: [\n")
+    for config in (tmp_path / "missing.yaml", bad):
+        argv = ["--config", str(config), "--results", str(tmp_path / "r.csv"), "--dry-run"]
+        assert matrix.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: config file")
+        assert err.count("\n") == 1
+    assert not (tmp_path / "r.csv").exists()
