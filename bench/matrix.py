@@ -14,9 +14,12 @@ turns the CSVs into the README's table and plot. Run from the repository root:
 Methods: ``dense``, ``bb`` (the config's mode), ``bb_in``, ``bb_out``, ``bb_tiers``,
 ``magnitude``, ``random``; any of them with extra bb keys, ``bb_in:regrow=false``; and a row
 name of one's own, ``noregrow=bb_in:regrow=false``. The evidence issue's ablations are
-``noregrow=bb_in:regrow=false``, ``spread025=bb_in:spread=0.25``, ``spread1=bb_in:spread=1``,
+``noregrow=bb_in:regrow=false``, ``spread025=bb_in:spread=0.25``, ``spread4=bb_in:spread=4``
+(a quarter and four times the default spread of 1 mean degree per unit of log-odds),
 ``output=bb_in:probe=output`` (on-rate read at the conv output) and
 ``rank=bb_in:allocation=rank`` (degrees from on-rate rank, without the log-odds shape).
+Rows named ``*_K`` ran under the first rule, spread a fraction of the full fan K (METHOD.md,
+0.5 unless the name says otherwise); bench/results/README.md.
 
 A companion config (``configs/asr_quick.yaml``, ``configs/faceid.yaml``: a top-level ``task``)
 runs through the same matrix with the companion's own scores (WER, CER and WER by word
@@ -294,6 +297,14 @@ LATER_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+#: bb.spread's default when the first rows were committed (config_hash)
+FIRST_SPREAD = 0.5
+#: hashed with every bb-rule row since spread became relative to the mean degree: a row of
+#: the old rule (spread of the full fan K) is never taken for one of the new, whatever its
+#: overrides say (the committed old-rule rows are renamed ``*_K``, bench/results/README.md)
+BB_RULE = " bb.spread of the mean degree"
+
+
 def companion_hash(cfg: Mapping[str, Any], dense: bool) -> str:
     """:func:`config_hash` of a companion's config dict: the same exclusions."""
     import json
@@ -303,6 +314,8 @@ def companion_hash(cfg: Mapping[str, Any], dense: bool) -> str:
     if dense:
         c.pop("bb", None)
     text = json.dumps(c, sort_keys=True, default=str)
+    if not dense and c.get("bb", {}).get("method", "bb") == "bb":
+        text += BB_RULE
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
@@ -318,7 +331,15 @@ def config_hash(cfg: Any, dense: bool) -> str:
         exclude[section] = {k for k, v in defaults.items() if getattr(part, k, v) == v}
     if dense:
         exclude["bb"] = True
-    return hashlib.sha1(cfg.model_dump_json(exclude=exclude).encode()).hexdigest()[:10]
+    elif cfg.bb.method != "bb":
+        # spread is read by the bb rule alone; magnitude, random and bb_tiers rows were hashed
+        # at its first default (0.5, of K), so its move to 1.0 (of the mean degree) leaves
+        # rows that never read it found
+        cfg = cfg.model_copy(update={"bb": cfg.bb.model_copy(update={"spread": FIRST_SPREAD})})
+    text = cfg.model_dump_json(exclude=exclude)
+    if not dense and cfg.bb.method == "bb":
+        text += BB_RULE
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
 def run_hash(run: Run) -> str:

@@ -84,15 +84,36 @@ def test_rule_busier_units_keep_fewer_edges(mode):
 def test_rule_fits_the_balance_line():
     g = torch.Generator().manual_seed(3)
     K, U = 256, 256
-    a = torch.rand(U, generator=g) * 0.5 + 0.25  # logit in about +-1.1: no clipping at spread 0.2
-    deg = bb_degrees(a, K, total=round(0.5 * U * K), spread=0.2, k_min=1, k_max=None)
+    a = torch.rand(U, generator=g) * 0.5 + 0.25  # logit in about +-1.1: no clipping at spread 0.4
+    deg = bb_degrees(a, K, total=round(0.5 * U * K), spread=0.4, k_min=1, k_max=None)
     assert int(deg.sum()) == round(0.5 * U * K)
     assert deg.min() > 1
     assert deg.max() < K
     fit = balance_fit(a, deg, K)
     assert fit["r2"] > 0.95
-    # log((1-a)/a) = beta k with beta K = 1 / spread: the paper's balance line
-    assert fit["slope"] == pytest.approx(1 / 0.2, rel=0.05)
+    # log((1-a)/a) = beta k with beta kbar = 1 / spread: the paper's balance line; balance_fit's
+    # slope is beta K, and kbar = 0.5 K here
+    assert fit["slope"] == pytest.approx(1 / (0.4 * 0.5), rel=0.05)
+
+
+def test_spread_is_relative_to_the_mean_degree():
+    # the same on-rates give the same degrees in mean-degree units at every density, so one
+    # spread serves 0.5 and 0.1; with the spread of K (METHOD.md) the swing grows 5x at 0.1
+    g = torch.Generator().manual_seed(4)
+    K, U = 512, 256
+    a = torch.rand(U, generator=g) * 0.4 + 0.3  # logit within +-0.85
+    rel = {}
+    for d in (0.5, 0.1):
+        total = round(d * U * K)
+        deg = bb_degrees(a, K, total, spread=0.5, k_min=1, k_max=None)
+        assert int(deg.sum()) == total
+        rel[d] = deg.double() / (total / U)
+    assert torch.allclose(rel[0.5], rel[0.1], atol=2 / (0.1 * K))  # rounding: one edge
+    assert float(rel[0.1].min()) > 0.5  # no unit squeezed to its floor
+    # the same total at 0.1 with the K-relative swing of METHOD.md's spread 0.5 (0.5 / 0.1
+    # = 5 mean degrees per unit of log-odds): the on-rate-0.7 end sits at the floor
+    old = bb_degrees(a, K, round(0.1 * U * K), spread=0.5 / 0.1, k_min=1, k_max=None)
+    assert int((old == 1).sum()) > U // 10
 
 
 def test_rank_allocation_keeps_order_and_strength_but_not_the_law():

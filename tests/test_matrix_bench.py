@@ -208,17 +208,36 @@ def test_committed_rows_are_found(tmp_path: Path):
     # a key added to the config later (at its default) must not orphan the committed rows
     results = REPO / "bench" / "results" / "vnc-1500.csv"
     config = str(REPO / "configs" / "bench" / "real_bb.yaml")
-    methods = [matrix.parse_method(m) for m in ("dense", "bb_in", "magnitude", "random")]
+    # bb.spread's default moved (0.5 of K -> 1.0 of the mean degree): rows that never read it
+    # stay found
+    methods = [matrix.parse_method(m) for m in ("dense", "bb_tiers", "magnitude", "random")]
     runs = matrix.plan(config, methods, [0.1], [0, 1], ["train.steps=1500"], {})
     assert len(runs) == 8
     assert matrix.pending(runs, results) == []
     # and a changed key is a new run
-    bb = [r for r in runs if r.method.name == "bb_in"][:1]
+    tiers = [r for r in runs if r.method.name == "bb_tiers"][:1]
     other = [
-        matrix.Run(r.config, r.method, r.density, r.seed, (*r.overrides, "bb.allocation=rank"))
-        for r in bb
+        matrix.Run(r.config, r.method, r.density, r.seed, (*r.overrides, "bb.dens_busy=0.2"))
+        for r in tiers
     ]
     assert matrix.pending(other, results) == other
+
+
+def test_a_row_of_the_old_bb_rule_is_not_taken_for_the_new():
+    # the committed bb_in_K rows ran with spread 0.5 of K; bb.spread=0.5 now means half the
+    # mean degree, the same config text: only the rule's mark in the hash tells them apart
+    results = REPO / "bench" / "results" / "vnc-1500.csv"
+    config = str(REPO / "configs" / "bench" / "real_bb.yaml")
+    old = [r for r in matrix.read_rows(results) if r["method"] == "bb_in_K"]
+    assert old
+    spec = matrix.parse_method("bb_in_K=bb_in:spread=0.5")
+    runs = matrix.plan(config, [spec], [0.1], [0, 1], ["train.steps=1500"], {})
+    keys = {matrix.row_key(r) for r in old}
+    for run in runs:
+        key = (matrix.run_hash(run), "bb_in_K", "0.1", str(run.seed))
+        assert key not in keys
+    assert {(k[1], k[2], k[3]) for k in keys} >= {("bb_in_K", "0.1", "0"), ("bb_in_K", "0.1", "1")}
+    assert matrix.pending(runs, results) == runs
 
 
 def test_appending_results_does_not_mark_the_commit_dirty(tmp_path: Path, monkeypatch):

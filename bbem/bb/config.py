@@ -79,10 +79,14 @@ class BBConfig:
     mode: Mode = field(
         default="in", metadata=_meta("prune the fan-in of busy units, or their fan-out")
     )
+    # Relative to the mean degree, so one value serves every density (controller.bb_degrees);
+    # 1.0 is METHOD.md's 0.5 at density 0.5.
     spread: float = field(
-        default=0.5,
+        default=1.0,
         metadata=_meta(
-            "1 / (beta * K): how strongly the on-rate moves a unit's degree", Range(0, lo_open=True)
+            "1 / (beta * mean degree): how strongly the on-rate moves a unit's degree, "
+            "in mean degrees per unit of log-odds",
+            Range(0, lo_open=True),
         ),
     )
     ema: float = field(

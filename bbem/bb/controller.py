@@ -89,7 +89,16 @@ def bb_degrees(
     k_max: Tensor | None,
     allocation: str = "logodds",
 ) -> Tensor:
-    """BB target degrees: ``k_u = clip(K (delta + spread * log((1-a)/a)), k_min, K)``, summing to ``total``.
+    """BB target degrees: ``k_u = clip(kbar (delta + spread * log((1-a)/a)), k_min, K)``, summing
+    to ``total``, with ``kbar = total / U`` the layer's mean degree.
+
+    ``spread`` is ``1 / (beta * kbar)``: the law ``log((1-a)/a) = beta k`` with its slope tied to
+    the budget (the paper ties beta to a global budget without saying how). METHOD.md scales by
+    the full fan ``K`` instead; at density 0.5 the two agree for ``spread_K = spread / 2``. Why
+    ``kbar``: with ``K`` a unit of log-odds moves the degree by ``spread / density`` mean degrees,
+    so at density 0.1 METHOD.md's 0.5 pushed every unit on more than half the time to one edge
+    and BB lost to random pruning on both companions (README, "Companions"); relative to
+    ``kbar`` the allocation has the same shape at every density.
 
     ``k_max`` (``[U]``, optional) caps each unit, e.g. at its current degree when regrowth is off.
     ``allocation="rank"`` (the ablation) puts :func:`rank_logit` in place of the log-odds.
@@ -101,7 +110,8 @@ def bb_degrees(
     K = float(full_fan)
     hi = torch.full_like(a, K) if k_max is None else k_max.double().clamp(max=K)
     lo = torch.full_like(a, float(min(k_min, full_fan)))
-    return solve_budget(K * spread * logit, torch.full_like(a, K), lo, hi, total)
+    kbar = total / max(a.numel(), 1)
+    return solve_budget(kbar * spread * logit, torch.full_like(a, K), lo, hi, total)
 
 
 def rank_logit(logit: Tensor) -> Tensor:
