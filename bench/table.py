@@ -151,14 +151,20 @@ def call(a: Sequence[float], b: Sequence[float], higher_is_better: bool = True) 
     if len(a) < 2 or len(b) < 2:
         return "one seed: no call"
     (ma, sa), (mb, sb) = mean_sd(a), mean_sd(b)  # type: ignore[misc]
-    diff, spread = ma - mb, max(sa, sb)
+    diff, sd = ma - mb, max(sa, sb)
     better = diff > 0 if higher_is_better else diff < 0
-    word = "tie" if abs(diff) <= spread else ("win" if better else "loss")
-    return f"{word} ({diff:+.3f}, spread {spread:.3f})"
+    word = "tie" if abs(diff) <= sd else ("win" if better else "loss")
+    return f"{word} ({diff:+.3f}, sd {sd:.3f})"
+
+
+#: the rows every BB variant is called against
+RIVALS = ("magnitude", "random", "dense", "baseline_rf")
 
 
 def is_bb(method: str) -> bool:
-    return method.startswith("bb") or "=bb" in method
+    """Every row but the rivals is a BB variant: ``bb_in``, ``bb_tiers`` and the named
+    ablations (``noregrow``, ``spread025``, ``rank``, ...) alike."""
+    return method not in RIVALS
 
 
 def summary_table(rows: Sequence[Row]) -> list[str]:
@@ -177,7 +183,7 @@ def comparisons(rows: Sequence[Row]) -> list[str]:
     g = groups(rows)
     densities = sorted({d for _, d in g if d}, key=float, reverse=True)
     methods = list(dict.fromkeys(m for m, _ in g))
-    rivals = [m for m in ("magnitude", "random", "dense", "baseline_rf") if m in methods]
+    rivals = [m for m in RIVALS if m in methods]
     lines = ["| density | BB variant | " + " | ".join(f"vs {m}" for m in rivals) + " |"]
     lines.append("|" + "---|" * (len(rivals) + 2))
     for d in densities:

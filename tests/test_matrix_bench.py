@@ -154,6 +154,7 @@ SCORES = {
     ("bb_in", "0.1"): [0.20, 0.30, 0.40],  # vs magnitude: +0.03 within sd 0.1: a tie
     ("magnitude", "0.1"): [0.25, 0.27, 0.29],
     ("baseline_rf", ""): [0.40, 0.41, 0.42],  # bb_in at 0.5 vs it: +0.11, a win
+    ("noregrow", "0.1"): [0.10, 0.11, 0.12],  # a named ablation is called too: -0.16, a loss
 }
 
 
@@ -175,9 +176,11 @@ def test_table_means_sds_calls_and_plot(tmp_path):
         o = np.array(vs) / 2
         assert line.split(" | ")[4] == f"{o.mean():.3f} ± {o.std(ddof=1):.3f}"
     calls = {tuple(x.split(" | ")[:2]): x for x in md.splitlines() if "vs" not in x}
-    assert "win (+0.210, spread 0.020)" in calls[("| 0.5", "bb_in")]
-    assert "tie (+0.030, spread 0.100)" in calls[("| 0.1", "bb_in")]
-    assert calls[("| 0.5", "bb_in")].endswith("win (+0.110, spread 0.020) |")  # vs baseline
+    assert "win (+0.210, sd 0.020)" in calls[("| 0.5", "bb_in")]
+    assert "tie (+0.030, sd 0.100)" in calls[("| 0.1", "bb_in")]
+    assert calls[("| 0.5", "bb_in")].endswith("win (+0.110, sd 0.020) |")  # vs baseline
+    assert "loss (-0.160, sd 0.020)" in calls[("| 0.1", "noregrow")]
+    assert ("| 0.1", "magnitude") not in calls  # the rivals are columns, not rows
     assert "larger of the two seed standard deviations" in md
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
