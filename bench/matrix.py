@@ -292,7 +292,7 @@ def load(run: Run) -> Any:
 
 #: config keys that came after the first committed rows, with their defaults (config_hash)
 LATER_DEFAULTS: dict[str, dict[str, Any]] = {
-    "bb": {"allocation": "logodds"},
+    "bb": {"allocation": "logodds", "edges": "magnitude"},
     "loss": {"near_weight": 1.0, "near_radius": 4},
 }
 

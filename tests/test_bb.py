@@ -551,3 +551,33 @@ def test_tiers_busy_units_keep_fewer_edges_than_rare(mode):
     assert float(busy.float().mean() / rare.float().mean()) == pytest.approx(
         cfg.dens_busy / cfg.dens_rare, abs=0.05
     )
+
+
+@pytest.mark.parametrize("mode", ["in", "out"])
+def test_random_edges_keep_bbs_degrees_but_not_its_choice(mode):
+    # the ablation that parts how many edges (the law) from which (the largest weights)
+    torch.manual_seed(6)
+    a = torch.rand(48) * 0.9 + 0.05
+
+    def masks(edges: str, method: str = "bb") -> tuple[torch.Tensor, torch.Tensor]:
+        out = []
+        for weight_seed in (7, 8):  # the same net with other weights
+            torch.manual_seed(weight_seed)
+            layer = nn.Linear(48, 48)
+            cfg = BBConfig(density=0.3, mode=mode, method=method, edges=edges, skip_unit_fan=False)
+            bb = attach_bb(nn.Sequential(layer), cfg)
+            bb.layers["0"].on_rate.copy_(a)
+            bb.refresh()
+            out.append(bb.layers["0"].unit_mask().clone())
+        return out[0], out[1]
+
+    w1, w2 = masks("magnitude")
+    r1, r2 = masks("random")
+    assert torch.equal(r1.sum(1), w1.sum(1))  # BB's degrees, unit by unit
+    assert torch.equal(r1, r2)  # the weights do not choose
+    assert not torch.equal(w1, w2)  # they do for the rule's own choice
+    assert not torch.equal(r1, w1)
+    # magnitude ignores it: its edges stay the largest weights
+    m1, _ = masks("random", method="magnitude")
+    m0, _ = masks("magnitude", method="magnitude")
+    assert torch.equal(m1, m0)

@@ -17,6 +17,7 @@ Mode = Literal["in", "out"]
 Rescale = Literal["sqrt", "none"]
 ProbeSite = Literal["act", "output"]
 Allocation = Literal["logodds", "rank"]
+EdgeChoice = Literal["magnitude", "random"]
 METHODS: tuple[str, ...] = get_args(Method)
 MODES: tuple[str, ...] = get_args(Mode)
 RESCALES: tuple[str, ...] = get_args(Rescale)
@@ -155,6 +156,15 @@ class BBConfig:
             "bb: degrees from the log-odds of on-rates (the rule) or from their rank (ablation)"
         ),
     )
+    # The ablation that parts BB's two choices: how many edges a unit keeps (the law) and
+    # which (the largest weights). "random" keeps BB's degrees but a fixed random draw of
+    # edges, as the random baseline does; magnitude and random themselves ignore it.
+    edges: EdgeChoice = field(
+        default="magnitude",
+        metadata=_meta(
+            "bb, bb_tiers: a unit keeps its largest-weight edges, or a fixed random draw"
+        ),
+    )
 
     def __post_init__(self) -> None:
         for name, allowed in CHOICES.items():
@@ -168,6 +178,12 @@ class BBConfig:
         problem = relation_problem(asdict(self), "BBConfig.")
         if problem:
             raise ValueError(problem)
+
+    @property
+    def random_edges(self) -> bool:
+        """Whether units keep a fixed random draw of edges (random; bb and bb_tiers with
+        ``edges="random"``) rather than their largest weights."""
+        return self.method == "random" or (self.edges == "random" and self.method != "magnitude")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

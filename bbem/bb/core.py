@@ -170,8 +170,8 @@ class BudgetedBroadcast:
             )
         else:
             deg = controller.uniform_degrees(U, K, total, k_max)
-        if c.method == "random":
-            assert layer.rand_scores is not None  # attach_bb draws them for method "random"
+        if c.random_edges:
+            assert layer.rand_scores is not None  # attach_bb draws them when they are used
             scores = layer.rand_scores
         else:
             scores = edge_scores(layer.module)
@@ -421,7 +421,7 @@ def attach_bb(
             probe=Probe(units, device),
             on_rate=torch.full((units,), 0.5, device=device),
         )
-        if config.method == "random":
+        if config.random_edges:
             s = torch.rand(c_out, c_in, generator=gen)
             rec.rand_scores = (s if mode == "in" else s.T).to(device)
         index = leaf_index.get(name) if config.probe == "act" else None
