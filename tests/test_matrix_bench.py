@@ -155,6 +155,8 @@ SCORES = {
     ("magnitude", "0.1"): [0.25, 0.27, 0.29],
     ("baseline_rf", ""): [0.40, 0.41, 0.42],  # bb_in at 0.5 vs it: +0.11, a win
     ("noregrow", "0.1"): [0.10, 0.11, 0.12],  # a named ablation is called too: -0.16, a loss
+    # 0.01 under magnitude at every seed: a tie of the means (sds 0.02) but a paired loss
+    ("bb_out", "0.1"): [0.24, 0.26, 0.28],
 }
 
 
@@ -164,6 +166,12 @@ def test_table_means_sds_calls_and_plot(tmp_path):
          "object_f1_iou02": v / 2, "steps": 9, "commit": "abc", "machine": "m"}
         for (m, d), vs in SCORES.items()
         for s, v in enumerate(vs)
+    ]  # fmt: skip
+    # seeds 5 and 6 have no magnitude run: no pairs, the means and sds decide (a tie)
+    rows += [
+        {"config": "c.yaml", "method": "spread4", "density_target": "0.1", "seed": s,
+         "val_pr_auc": v, "steps": 9, "commit": "abc", "machine": "m"}
+        for s, v in ((5, 0.26), (6, 0.30))
     ]  # fmt: skip
     path = _write_csv(tmp_path / "r.csv", rows)
     md_path, png = tmp_path / "t.md", tmp_path / "t.png"
@@ -176,11 +184,16 @@ def test_table_means_sds_calls_and_plot(tmp_path):
         o = np.array(vs) / 2
         assert line.split(" | ")[4] == f"{o.mean():.3f} ± {o.std(ddof=1):.3f}"
     calls = {tuple(x.split(" | ")[:2]): x for x in md.splitlines() if "vs" not in x}
-    assert "win (+0.210, sd 0.020)" in calls[("| 0.5", "bb_in")]
-    assert "tie (+0.030, sd 0.100)" in calls[("| 0.1", "bb_in")]
-    assert calls[("| 0.5", "bb_in")].endswith("win (+0.110, sd 0.020) |")  # vs baseline
-    assert "loss (-0.160, sd 0.020)" in calls[("| 0.1", "noregrow")]
+    assert "win (+0.210, paired sd 0.010, 3 seeds)" in calls[("| 0.5", "bb_in")]
+    assert "tie (+0.030, paired sd 0.080, 3 seeds)" in calls[("| 0.1", "bb_in")]
+    # vs baseline
+    assert calls[("| 0.5", "bb_in")].endswith("win (+0.110, paired sd 0.010, 3 seeds) |")
+    assert "loss (-0.160, paired sd 0.010, 3 seeds)" in calls[("| 0.1", "noregrow")]
+    assert "loss (-0.010, paired sd 0.000, 3 seeds)" in calls[("| 0.1", "bb_out")]
+    assert table.call([0.24, 0.26, 0.28], [0.25, 0.27, 0.29]).startswith("tie")
+    assert "tie (+0.010, sd 0.028)" in calls[("| 0.1", "spread4")]
     assert ("| 0.1", "magnitude") not in calls  # the rivals are columns, not rows
+    assert "per-seed differences" in md
     assert "larger of the two seed standard deviations" in md
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
