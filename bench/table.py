@@ -5,11 +5,12 @@ PR-AUC, best F1, object F1 at IoU 0.2, CREMI score; speech: WER, CER, head and t
 faces: top-1, ROC AUC, TAR at FAR 1e-2 and 1e-3; :data:`TASKS`), the achieved density and the
 diagnostics. Then, per density, each BB variant against magnitude, random, dense (and the
 forest, for EM) on the task's final score (PR-AUC, WER, top-1), seed by seed where both have
-two seeds or more in common (runs of one seed share initial weights, data order and validation
-boxes): a win (or a loss) only when the mean of the per-seed differences exceeds their sd;
-otherwise a tie. Without two common seeds, the difference of the means against the larger of
-the two seed sds; with one seed on either side, no call. The plot: that score against target density per method (mean, sd
-error bars, log x; dense and the baseline as bands across all densities).
+three seeds or more in common (runs of one seed share initial weights, data order and
+validation boxes): a win (or a loss) only when the mean of the per-seed differences exceeds
+their sd; otherwise a tie. Without three common seeds (the sd of two differences says little),
+the difference of the means against the larger of the two seed sds; with one seed on either
+side, no call. The plot: that score against target density per method (mean, sd error bars,
+log x; dense and the baseline as bands across all densities).
 
     .venv/bin/python bench/table.py bench/results/real_bb.csv --md out.md --png out.png
 """
@@ -89,7 +90,7 @@ def rule(view: TaskView) -> str:
         f"the mean of the per-seed differences of {view.label}{better} exceeds their sample "
         "standard deviation (paired: at 3 seeds that is a paired t above 1.73, two-sided "
         "p < 0.23: a screen, not a significance test); a smaller difference is a tie. Where "
-        "the two share fewer than two seeds, the difference of the means is held against the "
+        "the two share fewer than three seeds, the difference of the means is held against the "
         "larger of the two seed standard deviations; with one seed: no call."
     )
 
@@ -168,14 +169,14 @@ RIVALS = ("magnitude", "random", "dense", "baseline_rf")
 
 
 def paired_call(a: Sequence[Row], b: Sequence[Row], key: str, higher_is_better: bool = True) -> str:
-    """:func:`call` on the per-seed differences ``a - b`` where two seeds or more are common to
+    """:func:`call` on the per-seed differences ``a - b`` where three seeds or more are common to
     both (the seed fixes init, data order and boxes, so the pair differs only by the method),
     else :func:`call` on the two groups' values."""
     by_seed = {r.get("seed"): v for r in b for v in values([r], key)}
     diffs = [
         v - by_seed[r.get("seed")] for r in a for v in values([r], key) if r.get("seed") in by_seed
     ]
-    if len(diffs) < 2:
+    if len(diffs) < 3:
         return call(values(a, key), values(b, key), higher_is_better)
     md, sd = statistics.mean(diffs), statistics.stdev(diffs)
     better = md > 0 if higher_is_better else md < 0
