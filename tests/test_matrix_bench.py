@@ -339,3 +339,20 @@ def test_a_bad_config_is_one_line_and_exit_2(tmp_path: Path, capsys):
         assert err.startswith("error: config file")
         assert err.count("\n") == 1
     assert not (tmp_path / "r.csv").exists()
+
+
+def test_paired_call_needs_three_shared_seeds():
+    def rows(vs):
+        return [{"seed": str(s), "val_pr_auc": str(v)} for s, v in enumerate(vs)]
+
+    # 0.01 under the rival at every seed: a loss with three seeds, a tie of the means with two
+    assert (
+        table.paired_call(rows([0.24, 0.26, 0.28]), rows([0.25, 0.27, 0.29]), "val_pr_auc")[:4]
+        == "loss"
+    )
+    two = table.paired_call(rows([0.24, 0.26]), rows([0.25, 0.27]), "val_pr_auc")
+    assert two == "tie (-0.010, sd 0.014)"
+    # lower is better (WER): the same differences are a win
+    assert table.paired_call(
+        rows([0.24, 0.26, 0.28]), rows([0.25, 0.27, 0.29]), "val_pr_auc", higher_is_better=False
+    ).startswith("win")
