@@ -115,10 +115,18 @@ def join(device: torch.device) -> tuple[Group, torch.device]:
     return g, device
 
 
-def leave() -> None:
-    """End the process group :func:`join` started (a caller's own group stays)."""
+def leave(finished: bool = False) -> None:
+    """End the process group :func:`join` started (a caller's own group stays).
+
+    ``finished``: every rank got here without an error, so they meet at a barrier first and
+    no rank tears its gloo pairs down while another still uses them (a rank of a resumed
+    2-process run aborted with "terminate called without an active exception" at the end,
+    in the full test suite). After an error there is no barrier: a dead peer would hang it.
+    """
     global _owned
     if _owned and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
     _owned = False
 

@@ -264,14 +264,17 @@ def fit(
     settings = Settings.from_config(config)
     group, device = ddp.join(pick_device(settings.device))  # one process: (rank 0 of 1, device)
     threads = torch.get_num_threads()
+    finished = False
     try:
         with ddp.open_run_dir(group, run_dir, resume, config) as rd:
             # an explicit count, also for None, so a resumed process computes like the first
             torch.set_num_threads(int(settings.threads or ddp.cores(group)))
-            return _Run(task, settings, config, rd, device).run(resume, progress)
+            out = _Run(task, settings, config, rd, device).run(resume, progress)
+        finished = True
+        return out
     finally:
         torch.set_num_threads(threads)
-        ddp.leave()
+        ddp.leave(finished)
 
 
 class _Run:
