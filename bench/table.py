@@ -85,8 +85,8 @@ TASKS = {
 def rule(view: TaskView) -> str:
     better = "" if view.higher_is_better else " (lower is better)"
     return (
-        f"Runs of one seed share initial weights, data order and validation boxes, so each BB "
-        f"variant is compared with each rival seed by seed: a win (loss) is called only when "
+        "Runs of one seed share initial weights, data order and validation boxes, so each BB "
+        "variant is compared with each rival seed by seed: a win (loss) is called only when "
         f"the mean of the per-seed differences of {view.label}{better} exceeds their sample "
         "standard deviation (paired: at 3 seeds that is a paired t above 1.73, two-sided "
         "p < 0.23: a screen, not a significance test); a smaller difference is a tie. Where "
@@ -159,9 +159,14 @@ def call(a: Sequence[float], b: Sequence[float], higher_is_better: bool = True) 
         return "one seed: no call"
     (ma, sa), (mb, sb) = mean_sd(a), mean_sd(b)  # type: ignore[misc]
     diff, sd = ma - mb, max(sa, sb)
-    better = diff > 0 if higher_is_better else diff < 0
-    word = "tie" if abs(diff) <= sd else ("win" if better else "loss")
-    return f"{word} ({diff:+.3f}, sd {sd:.3f})"
+    return f"{verdict(diff, sd, higher_is_better)} ({diff:+.3f}, sd {sd:.3f})"
+
+
+def verdict(diff: float, sd: float, higher_is_better: bool) -> str:
+    """The one rule of both calls: ``win`` or ``loss`` when ``|diff|`` exceeds ``sd``, else ``tie``."""
+    if abs(diff) <= sd:
+        return "tie"
+    return "win" if (diff > 0) == higher_is_better else "loss"
 
 
 #: the rows every BB variant is called against
@@ -179,9 +184,9 @@ def paired_call(a: Sequence[Row], b: Sequence[Row], key: str, higher_is_better: 
     if len(diffs) < 3:
         return call(values(a, key), values(b, key), higher_is_better)
     md, sd = statistics.mean(diffs), statistics.stdev(diffs)
-    better = md > 0 if higher_is_better else md < 0
-    word = "tie" if abs(md) <= sd else ("win" if better else "loss")
-    return f"{word} ({md:+.3f}, paired sd {sd:.3f}, {len(diffs)} seeds)"
+    return (
+        f"{verdict(md, sd, higher_is_better)} ({md:+.3f}, paired sd {sd:.3f}, {len(diffs)} seeds)"
+    )
 
 
 def is_bb(method: str) -> bool:
