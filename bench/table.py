@@ -13,6 +13,10 @@ side, no call. The plot: that score against target density per method (mean, sd 
 log x; dense and the baseline as bands across all densities).
 
     .venv/bin/python bench/table.py bench/results/real_bb.csv --md out.md --png out.png
+
+``--section vnc-1500`` writes the section (without its heading) into README.md between the
+marks ``<!-- bench/table.py vnc-1500 -->`` and ``<!-- /bench/table.py vnc-1500 -->``; the
+prose around them, the commands and the reading, stay as written.
 """
 
 from __future__ import annotations
@@ -236,6 +240,12 @@ def provenance(rows: Sequence[Row]) -> list[str]:
 
 
 def markdown(rows: Sequence[Row], title: str = "BB against dense, magnitude and random") -> str:
+    """The section: a ``###`` heading over :func:`body`."""
+    return f"### {title}\n\n" + body(rows)
+
+
+def body(rows: Sequence[Row]) -> str:
+    """The section without its heading: the summary table, the calls and the run list."""
     view = task_view(rows)
     once = (
         "Dense and the random-forest baseline (`baseline_rf`) are"
@@ -244,8 +254,6 @@ def markdown(rows: Sequence[Row], title: str = "BB against dense, magnitude and 
     )
     score = view.label[0].upper() + view.label[1:]
     parts = [
-        f"### {title}",
-        "",
         f"Mean ± sd over seeds (sample sd). {once} one run per seed for all densities.",
         "",
         *summary_table(rows),
@@ -317,20 +325,70 @@ def plot(rows: Sequence[Row], path: Path) -> Path:
     return path
 
 
+def marks(section: str) -> tuple[str, str]:
+    """The HTML comments that fence a generated section in the README (invisible on GitHub)."""
+    return f"<!-- bench/table.py {section} -->", f"<!-- /bench/table.py {section} -->"
+
+
+def splice(readme: str, section: str, text: str) -> str:
+    """``readme`` with the lines between ``section``'s two marks replaced by ``text``.
+
+    Everything outside the marks (the prose, the commands, the reading) is kept byte for byte;
+    a README without both marks, or with them twice, is refused (UserError: one line).
+    """
+    from bbem.errors import UserError
+
+    start, end = marks(section)
+    if readme.count(start) != 1 or readme.count(end) != 1:
+        raise UserError(
+            f"the README needs the marks {start} and {end} once each, around the section "
+            "to replace: add them where the table goes"
+        )
+    head, rest = readme.split(start, 1)
+    old, tail = rest.split(end, 1)
+    if "\n" not in old:
+        raise UserError(f"put {start} and {end} on lines of their own")
+    return f"{head}{start}\n{text.rstrip(chr(10))}\n{end}{tail}"
+
+
+def write_readme(path: Path, section: str, text: str) -> None:
+    """Splice ``text`` into the README at ``path``: a temporary file, then a rename."""
+    from bbem.atomic import atomic_output
+
+    new = splice(path.read_text(), section, text)
+    with atomic_output(path, overwrite=True, kind="text") as tmp:
+        tmp.write_text(new)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("csv", nargs="+", help="result CSVs of bench/matrix.py")
     ap.add_argument("--md", default=None, help="also write the markdown here")
     ap.add_argument("--png", default=None, help="write the plot here")
     ap.add_argument("--title", default="BB against dense, magnitude and random")
+    ap.add_argument(
+        "--section",
+        default=None,
+        help="replace this section of --readme: the lines between its marks "
+        "'<!-- bench/table.py SECTION -->' and '<!-- /bench/table.py SECTION -->' (no heading)",
+    )
+    ap.add_argument("--readme", default="README.md", help="the README --section edits")
     a = ap.parse_args(argv)
-    rows = read(a.csv)
-    md = markdown(rows, a.title)
-    print(md, end="")
-    if a.md:
-        Path(a.md).write_text(md)
-    if a.png:
-        plot(rows, Path(a.png))
+    from bbem.errors import UserError
+
+    try:
+        rows = read(a.csv)
+        md = markdown(rows, a.title)
+        print(md, end="")
+        if a.md:
+            Path(a.md).write_text(md)
+        if a.section:
+            write_readme(Path(a.readme), a.section, body(rows))
+        if a.png:
+            plot(rows, Path(a.png))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

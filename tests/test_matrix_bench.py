@@ -356,3 +356,48 @@ def test_paired_call_needs_three_shared_seeds():
     assert table.paired_call(
         rows([0.24, 0.26, 0.28]), rows([0.25, 0.27, 0.29]), "val_pr_auc", higher_is_better=False
     ).startswith("win")
+
+
+def test_table_rewrites_only_its_readme_section(tmp_path):
+    """--section replaces the lines between its marks; the prose around stays byte for byte."""
+    rows = [
+        {"config": "c.yaml", "method": m, "density_target": d, "seed": s, "val_pr_auc": v,
+         "steps": 9, "commit": "abc", "machine": "m"}
+        for (m, d), vs in SCORES.items()
+        for s, v in enumerate(vs)
+    ]  # fmt: skip
+    path = _write_csv(tmp_path / "r.csv", rows)
+    start, end = table.marks("em")
+    other = "\n".join(table.marks("other"))
+    head = "# Results\n\nThe prose, kept.\n\n"
+    tail = "\n\nReading: also kept.\n" + other + "\nanother section, untouched\n"
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{head}{start}\nan old table\n| x |\n{end}{tail}")
+    args = [str(path), "--readme", str(readme), "--section", "em"]
+    assert table.main(args) == 0
+    text = readme.read_text()
+    assert text.startswith(head + start + "\nMean ± sd over seeds")
+    assert text.endswith("\n" + end + tail)
+    assert "an old table" not in text
+    inside = text[len(head + start) : -len(end + tail)].strip("\n")
+    assert inside == table.body(table.read([path])).rstrip("\n")
+    assert "### " not in inside  # the heading is the README's own
+    assert table.main(args) == 0
+    assert readme.read_text() == text
+
+
+@pytest.mark.parametrize("broken", ["no marks at all\n", "{start}\n{end}\n{start}\n{end}\n"])
+def test_table_refuses_a_readme_without_one_pair_of_marks(tmp_path, capsys, broken):
+    rows = [{"config": "c.yaml", "method": "dense", "density_target": "", "seed": 0,
+             "val_pr_auc": 0.5, "steps": 9, "commit": "abc", "machine": "m"}]  # fmt: skip
+    path = _write_csv(tmp_path / "r.csv", rows)
+    start, end = table.marks("em")
+    readme = tmp_path / "README.md"
+    readme.write_text(broken.format(start=start, end=end))
+    before = readme.read_bytes()
+    assert table.main([str(path), "--readme", str(readme), "--section", "em"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith("error: the README needs the marks")
+    assert readme.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "r.csv"]  # no temporary
