@@ -29,6 +29,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 #: (CSV column, heading, decimals)
 DIAGNOSTICS = (
@@ -268,8 +269,21 @@ def body(rows: Sequence[Row]) -> str:
     return "\n".join(parts) + "\n"
 
 
+#: BB variants' colours: strong, and none of the rivals' greys, blue or green
+BB_COLOURS = (
+    "tab:orange", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan",
+    "goldenrod", "darkred", "magenta", "navy", "teal", "sienna", "indigo",
+)  # fmt: skip
+
+
 def plot(rows: Sequence[Row], path: Path) -> Path:
-    """The task's score against target density per method, sd error bars; dense as a band."""
+    """The task's score per method, mean with sd error bars; dense and the forest as bands.
+
+    Left: the methods run at two densities or more, against target density (log x). Right:
+    the rows run at one density only (the ablations), side by side, each with the rivals' means
+    at its density as dotted marks. Rivals are drawn in greys; rows of BB's first rule (``*_K``)
+    with hollow markers and dashed lines.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -279,36 +293,53 @@ def plot(rows: Sequence[Row], path: Path) -> Path:
     key = view.key
     g = groups(rows)
     methods = list(dict.fromkeys(m for m, _ in g))
-    # one colour a method: tab10 while it lasts, tab20 beyond (no two rows alike)
-    cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
-    colour = {m: cmap(i) for i, m in enumerate(methods)}
-    fig, ax = plt.subplots(figsize=(8.0, 4.2))
+    at = {m: sorted((float(d) for mm, d in g if mm == m and d), reverse=True) for m in methods}
+    swept = [m for m in methods if len(at[m]) > 1]
+    single = [m for m in methods if len(at[m]) == 1]
+    bands = [m for m in methods if (m, "") in g]
+    greys = {"magnitude": "0.25", "random": "0.6", "dense": "tab:blue", "baseline_rf": "tab:green"}
+    bb = [m for m in methods if m not in greys]
+    colour = {**greys, **{m: BB_COLOURS[i % len(BB_COLOURS)] for i, m in enumerate(bb)}}
+
+    def style(m: str) -> dict[str, Any]:
+        old = m.endswith("_K")  # BB's first spread rule
+        return {
+            "color": colour[m],
+            "capsize": 3,
+            "linestyle": "--" if old else "-",
+            "marker": "o",
+            "markerfacecolor": "white" if old else colour[m],
+        }
+
+    def ms_of(m: str, d: str) -> tuple[float, float] | None:
+        return mean_sd(values(g[(m, d)], key)) if (m, d) in g else None
+
+    wide = 1.0 + 0.35 * len(single)
+    fig, axes = plt.subplots(
+        1,
+        2 if single else 1,
+        figsize=(7.0 + (wide if single else 0), 4.4),
+        sharey=True,
+        gridspec_kw={"width_ratios": [3.2, wide]} if single else None,
+        squeeze=False,
+    )
+    ax = axes[0][0]
     densities = sorted({float(d) for _, d in g if d})
-    for i, method in enumerate(methods):
-        if (method, "") in g:  # dense: one run per seed for every density
-            ms = mean_sd(values(g[(method, "")], key))
-            if ms and densities:
-                ax.axhline(ms[0], color=colour[method], label=f"{method} (all densities)")
-                lo, hi = min(densities) * 0.9, max(densities) * 1.1
-                ax.fill_between(
-                    [lo, hi], ms[0] - ms[1], ms[0] + ms[1], color=colour[method], alpha=0.15
-                )
-            continue
-        pts: list[tuple[float, tuple[float, float]]] = []
-        for (m, d), rs in g.items():
-            ms = mean_sd(values(rs, key))
-            if m == method and ms is not None:
-                pts.append((float(d), ms))
-        pts.sort()
-        nudge = 1 + 0.03 * (i - len(g) / 4)  # side by side on the log axis, so bars stay apart
+    for m in bands:
+        ms = ms_of(m, "")
+        if ms and densities:
+            ax.axhline(ms[0], color=colour[m], label=f"{m} (all densities)")
+            lo, hi = min(densities) * 0.9, max(densities) * 1.1
+            ax.fill_between([lo, hi], ms[0] - ms[1], ms[0] + ms[1], color=colour[m], alpha=0.15)
+    for i, m in enumerate(swept):
+        pts = [(d, ms_of(m, density_key(g, m, d))) for d in sorted(at[m])]
+        nudge = 1 + 0.025 * (i - len(swept) / 2)  # side by side on the log axis
         ax.errorbar(
-            [d * nudge for d, _ in pts],
-            [ms[0] for _, ms in pts],
-            yerr=[ms[1] for _, ms in pts],
-            fmt="o-",
-            capsize=3,
-            color=colour[method],
-            label=method,
+            [d * nudge for d, ms in pts if ms],
+            [ms[0] for _, ms in pts if ms],
+            yerr=[ms[1] for _, ms in pts if ms],
+            label=m,
+            **style(m),
         )
     ax.set_xscale("log")
     if densities:
@@ -316,13 +347,42 @@ def plot(rows: Sequence[Row], path: Path) -> Path:
         ax.minorticks_off()
     ax.set(xlabel="target density (kept fraction of edges)", ylabel=f"{view.label} (final)")
     seeds = sorted({r.get("seed", "") for r in rows})
-    ax.set_title(f"mean ± sd over {len(seeds)} seed(s)", fontsize=9)
+    ax.set_title(f"mean ± sd over seeds (up to {len(seeds)})", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the data
+    ax.legend(fontsize=7, loc="best")
+    if single:
+        side = axes[0][1]
+        for x, m in enumerate(single):
+            d = density_key(g, m, at[m][0])
+            ms = ms_of(m, d)
+            if ms:
+                side.errorbar([x], [ms[0]], yerr=[ms[1]], **style(m))
+                side.annotate(f"n={len(g[(m, d)])}", (x, ms[0]), xytext=(4, -10),
+                              textcoords="offset points", fontsize=6)  # fmt: skip
+        for rival in ("magnitude", "random"):  # the rivals at each row's own density
+            label: str | None = f"{rival} at the row's density"
+            for x, m in enumerate(single):
+                ms = ms_of(rival, density_key(g, m, at[m][0]))
+                if ms:
+                    side.hlines(ms[0], x - 0.35, x + 0.35, color=colour[rival], linewidth=1.5,
+                                linestyle=":", label=label)  # fmt: skip
+                    label = None
+        side.set_xticks(range(len(single)), [f"{m}\n@{at[m][0]:g}" for m in single])
+        side.tick_params(axis="x", labelsize=7, rotation=60)
+        side.set_xlim(-0.6, len(single) - 0.4)
+        side.set_title("one density only", fontsize=9)
+        side.grid(alpha=0.3, axis="y")
+        if side.get_legend_handles_labels()[0]:
+            side.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def density_key(g: Mapping[tuple[str, str], Any], method: str, density: float) -> str:
+    """The density text of ``method``'s group at ``density`` (CSV texts vary: 0.1, 0.10)."""
+    return next(d for m, d in g if m == method and d and float(d) == density)
 
 
 def marks(section: str) -> tuple[str, str]:
