@@ -38,6 +38,7 @@ DIAGNOSTICS = (
     ("entropy_mean", "on-rate entropy", 3),
     ("decorrelation", "decorrelation", 3),
     ("balance_r2", "balance R²", 3),
+    ("seconds_per_step", "s / step", 3),  # wall time of training, validations included
 )
 METRICS = (
     ("val_pr_auc", "PR-AUC", 3),
