@@ -9,7 +9,9 @@ three seeds or more in common (runs of one seed share initial weights, data orde
 validation boxes): a win (or a loss) only when the mean of the per-seed differences exceeds
 their sd; otherwise a tie. Without three common seeds (the sd of two differences says little),
 the difference of the means against the larger of the two seed sds; with one seed on either
-side, no call. The plot: that score against target density per method (mean, sd error bars,
+side, no call. Each BB variant run at two densities or more is also compared with magnitude and
+random over all its densities at once (:func:`pooled`: the per-seed differences pooled, a
+paired t interval and p-value), which has more pairs than any one density. The plot: that score against target density per method (mean, sd error bars,
 log x; dense and the baseline as bands across all densities).
 
     .venv/bin/python bench/table.py bench/results/real_bb.csv --md out.md --png out.png
@@ -179,14 +181,60 @@ def verdict(diff: float, sd: float, higher_is_better: bool) -> str:
 RIVALS = ("magnitude", "random", "dense", "baseline_rf")
 
 
+def seed_diffs(a: Sequence[Row], b: Sequence[Row], key: str) -> list[float]:
+    """``a - b`` on ``key`` for every seed both have (rows of one density each)."""
+    by_seed = {r.get("seed"): v for r in b for v in values([r], key)}
+    return [
+        v - by_seed[r.get("seed")] for r in a for v in values([r], key) if r.get("seed") in by_seed
+    ]
+
+
+def pooled(rows: Sequence[Row]) -> list[str]:
+    """Each BB variant run at two densities or more against magnitude and random, the per-seed
+    differences pooled over every density both ran: mean, 95% t interval, two-sided paired t
+    p-value. More pairs than one density has, so a smaller common difference shows; it assumes
+    one difference for every density (each density's own call stays in the table above).
+    Dense and the forest are left out: one run per seed serves every density, so their pairs
+    would not be independent."""
+    from scipy import stats
+
+    view = task_view(rows)
+    g = groups(rows)
+    swept = [
+        m for m in dict.fromkeys(m for m, _ in g) if is_bb(m) and sum(mm == m for mm, _ in g) > 1
+    ]
+    rivals = [m for m in ("magnitude", "random") if any(mm == m for mm, _ in g)]
+    if not swept or not rivals:
+        return []
+    lines = ["| BB variant | densities | " + " | ".join(f"vs {m}" for m in rivals) + " |"]
+    lines.append("|" + "---|" * (len(rivals) + 2))
+    for m in swept:
+        cells = []
+        dens = [d for mm, d in g if mm == m]
+        for rival in rivals:
+            diffs = [
+                x
+                for d in dens
+                if (rival, d) in g
+                for x in seed_diffs(g[(m, d)], g[(rival, d)], view.key)
+            ]
+            if len(diffs) < 3:
+                cells.append("-")
+                continue
+            n, md, sd = len(diffs), statistics.mean(diffs), statistics.stdev(diffs)
+            half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
+            p = float(stats.ttest_1samp(diffs, 0.0).pvalue) if sd > 0 else 0.0
+            ptext = "p < 0.001" if p < 0.001 else f"p {p:.3f}"
+            cells.append(f"{md:+.3f} [{md - half:+.3f}, {md + half:+.3f}], {ptext}, {n} pairs")
+        lines.append(f"| {m} | {', '.join(dens)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def paired_call(a: Sequence[Row], b: Sequence[Row], key: str, higher_is_better: bool = True) -> str:
     """:func:`call` on the per-seed differences ``a - b`` where three seeds or more are common to
     both (the seed fixes init, data order and boxes, so the pair differs only by the method),
     else :func:`call` on the two groups' values."""
-    by_seed = {r.get("seed"): v for r in b for v in values([r], key)}
-    diffs = [
-        v - by_seed[r.get("seed")] for r in a for v in values([r], key) if r.get("seed") in by_seed
-    ]
+    diffs = seed_diffs(a, b, key)
     if len(diffs) < 3:
         return call(values(a, key), values(b, key), higher_is_better)
     md, sd = statistics.mean(diffs), statistics.stdev(diffs)
@@ -230,6 +278,24 @@ def comparisons(rows: Sequence[Row]) -> list[str]:
     return lines
 
 
+def pooled_section(rows: Sequence[Row]) -> list[str]:
+    lines = pooled(rows)
+    if not lines:
+        return []
+    view = task_view(rows)
+    better = "" if view.higher_is_better else " (below zero: BB's error is lower)"
+    return [
+        f"Over the densities (paired t): {view.label}, BB minus the rival seed by seed, pooled "
+        f"over every density both ran{better}: the mean, its 95% t interval, the two-sided "
+        "p-value, the number of pairs. It assumes one difference at every density (each "
+        "density's own call is above). Dense and the forest are left out: one run per seed "
+        "serves every density, so their pairs would not be independent.",
+        "",
+        *lines,
+        "",
+    ]
+
+
 def provenance(rows: Sequence[Row]) -> list[str]:
     seen = dict.fromkeys(
         (r.get("config", ""), r.get("commit", ""), r.get("machine", ""), r.get("steps", ""))
@@ -264,6 +330,7 @@ def body(rows: Sequence[Row]) -> str:
         "",
         *comparisons(rows),
         "",
+        *pooled_section(rows),
         "Runs:",
         *provenance(rows),
     ]

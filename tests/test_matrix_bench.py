@@ -401,3 +401,37 @@ def test_table_refuses_a_readme_without_one_pair_of_marks(tmp_path, capsys, brok
     assert err[0].startswith("error: the README needs the marks")
     assert readme.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "r.csv"]  # no temporary
+
+
+def test_pooled_differences_over_densities_match_a_paired_t_test():
+    """BB minus magnitude seed by seed over every density both ran, against scipy's ttest_rel."""
+    from scipy import stats
+
+    bb = {"0.5": [0.60, 0.62, 0.61], "0.1": [0.58, 0.57, 0.59]}
+    mag = {"0.5": [0.61, 0.64, 0.61], "0.1": [0.60, 0.58, 0.62]}
+    rows = [
+        {"config": "c.yaml", "method": m, "density_target": d, "seed": s, "val_pr_auc": v}
+        for m, by_d in (("bb_in", bb), ("magnitude", mag))
+        for d, vs in by_d.items()
+        for s, v in enumerate(vs)
+    ]
+    rows += [  # a seed magnitude lacks pairs with nothing; a one-density ablation is not pooled
+        {"config": "c.yaml", "method": "bb_in", "density_target": "0.1", "seed": 7,
+         "val_pr_auc": 0.9},
+        *({"config": "c.yaml", "method": "rank", "density_target": "0.1", "seed": s,
+           "val_pr_auc": 0.5} for s in range(3)),
+        *({"config": "c.yaml", "method": "dense", "density_target": "", "seed": s,
+           "val_pr_auc": 0.6} for s in range(3)),
+    ]  # fmt: skip
+    lines = table.pooled(rows)
+    assert lines[0] == "| BB variant | densities | vs magnitude |"  # no random rows: no column
+    assert len(lines) == 3  # bb_in only: rank ran at one density; dense is not a BB variant
+    a = bb["0.5"] + bb["0.1"]
+    b = mag["0.5"] + mag["0.1"]
+    d = np.subtract(a, b)
+    lo, hi = stats.t.interval(0.95, len(d) - 1, loc=d.mean(), scale=stats.sem(d))
+    p = stats.ttest_rel(a, b).pvalue
+    assert lines[2] == (
+        f"| bb_in | 0.5, 0.1 | {d.mean():+.3f} [{lo:+.3f}, {hi:+.3f}], p {p:.3f}, 6 pairs |"
+    )
+    assert "vs dense" not in table.markdown(rows).split("Over the densities")[1]
