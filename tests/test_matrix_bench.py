@@ -435,3 +435,15 @@ def test_pooled_differences_over_densities_match_a_paired_t_test():
         f"| bb_in | 0.5, 0.1 | {d.mean():+.3f} [{lo:+.3f}, {hi:+.3f}], p {p:.3f}, 6 pairs |"
     )
     assert "vs dense" not in table.markdown(rows).split("Over the densities")[1]
+
+
+@pytest.mark.parametrize("section", ["vnc-1500", "demo-1500", "asr-quick", "faceid-1000"])
+def test_readme_tables_are_the_committed_results(section):
+    """The README's generated sections say what the committed CSVs say (rerun
+    ``bench/table.py bench/results/SECTION.csv --section SECTION`` after adding rows)."""
+    readme = (REPO / "README.md").read_text()
+    start, end = table.marks(section)
+    inside = readme.split(start + "\n", 1)[1].split("\n" + end, 1)[0]
+    assert inside == table.body(table.read([REPO / "bench" / "results" / f"{section}.csv"])).rstrip(
+        "\n"
+    )
