@@ -9,10 +9,11 @@ three seeds or more in common (runs of one seed share initial weights, data orde
 validation boxes): a win (or a loss) only when the mean of the per-seed differences exceeds
 their sd; otherwise a tie. Without three common seeds (the sd of two differences says little),
 the difference of the means against the larger of the two seed sds; with one seed on either
-side, no call. Each BB variant run at two densities or more is also compared with magnitude and
-random over all its densities at once (:func:`pooled`: the per-seed differences pooled, a
-paired t interval and p-value), which has more pairs than any one density. The plot: that score against target density per method (mean, sd error bars,
-log x; dense and the baseline as bands across all densities).
+side, no call. Each BB variant run at two densities or more is also compared with magnitude
+and random over all its densities at once (:func:`pooled`: the per-seed differences pooled, a
+paired t interval and p-value), which has more pairs than any one density. The plot: that
+score against target density per method (mean, sd error bars, log x; dense and the baseline as
+bands across all densities), and the rows run at one density beside it.
 
     .venv/bin/python bench/table.py bench/results/real_bb.csv --md out.md --png out.png
 
@@ -107,11 +108,21 @@ Row = Mapping[str, str]
 
 
 def read(paths: Sequence[str | Path]) -> list[dict[str, str]]:
+    from bbem.errors import UserError
+
     rows: list[dict[str, str]] = []
     for p in paths:
-        with Path(p).open(newline="") as f:
-            rows.extend(csv.DictReader(f))
+        try:
+            with Path(p).open(newline="") as f:
+                rows.extend(csv.DictReader(f))
+        except OSError as e:
+            raise UserError(f"cannot read the results CSV {p}: {e.strerror}") from None
     return rows
+
+
+def densities_of(g: Mapping[tuple[str, str], Any], method: str) -> list[str]:
+    """The density texts ``method`` ran at, highest first (dense and the forest: none)."""
+    return sorted((d for m, d in g if m == method and d), key=float, reverse=True)
 
 
 def values(rows: Sequence[Row], key: str) -> list[float]:
@@ -200,9 +211,7 @@ def pooled(rows: Sequence[Row]) -> list[str]:
 
     view = task_view(rows)
     g = groups(rows)
-    swept = [
-        m for m in dict.fromkeys(m for m, _ in g) if is_bb(m) and sum(mm == m for mm, _ in g) > 1
-    ]
+    swept = [m for m in dict.fromkeys(m for m, _ in g) if is_bb(m) and len(densities_of(g, m)) > 1]
     rivals = [m for m in ("magnitude", "random") if any(mm == m for mm, _ in g)]
     if not swept or not rivals:
         return []
@@ -210,7 +219,7 @@ def pooled(rows: Sequence[Row]) -> list[str]:
     lines.append("|" + "---|" * (len(rivals) + 2))
     for m in swept:
         cells = []
-        dens = [d for mm, d in g if mm == m]
+        dens = densities_of(g, m)
         for rival in rivals:
             diffs = [
                 x
@@ -223,7 +232,8 @@ def pooled(rows: Sequence[Row]) -> list[str]:
                 continue
             n, md, sd = len(diffs), statistics.mean(diffs), statistics.stdev(diffs)
             half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
-            p = float(stats.ttest_1samp(diffs, 0.0).pvalue) if sd > 0 else 0.0
+            # every pair the same difference (sd 0): certain, unless that difference is 0
+            p = float(stats.ttest_1samp(diffs, 0.0).pvalue) if sd > 0 else float(md == 0)
             ptext = "p < 0.001" if p < 0.001 else f"p {p:.3f}"
             cells.append(f"{md:+.3f} [{md - half:+.3f}, {md + half:+.3f}], {ptext}, {n} pairs")
         lines.append(f"| {m} | {', '.join(dens)} | " + " | ".join(cells) + " |")
@@ -361,7 +371,7 @@ def plot(rows: Sequence[Row], path: Path) -> Path:
     key = view.key
     g = groups(rows)
     methods = list(dict.fromkeys(m for m, _ in g))
-    at = {m: sorted((float(d) for mm, d in g if mm == m and d), reverse=True) for m in methods}
+    at = {m: densities_of(g, m) for m in methods}
     swept = [m for m in methods if len(at[m]) > 1]
     single = [m for m in methods if len(at[m]) == 1]
     bands = [m for m in methods if (m, "") in g]
@@ -400,7 +410,7 @@ def plot(rows: Sequence[Row], path: Path) -> Path:
             lo, hi = min(densities) * 0.9, max(densities) * 1.1
             ax.fill_between([lo, hi], ms[0] - ms[1], ms[0] + ms[1], color=colour[m], alpha=0.15)
     for i, m in enumerate(swept):
-        pts = [(d, ms_of(m, density_key(g, m, d))) for d in sorted(at[m])]
+        pts = [(float(d), ms_of(m, d)) for d in reversed(at[m])]
         nudge = 1 + 0.025 * (i - len(swept) / 2)  # side by side on the log axis
         ax.errorbar(
             [d * nudge for d, ms in pts if ms],
@@ -421,7 +431,7 @@ def plot(rows: Sequence[Row], path: Path) -> Path:
     if single:
         side = axes[0][1]
         for x, m in enumerate(single):
-            d = density_key(g, m, at[m][0])
+            d = at[m][0]
             ms = ms_of(m, d)
             if ms:
                 side.errorbar([x], [ms[0]], yerr=[ms[1]], **style(m))
@@ -430,12 +440,12 @@ def plot(rows: Sequence[Row], path: Path) -> Path:
         for rival in ("magnitude", "random"):  # the rivals at each row's own density
             label: str | None = f"{rival} at the row's density"
             for x, m in enumerate(single):
-                ms = ms_of(rival, density_key(g, m, at[m][0]))
+                ms = ms_of(rival, at[m][0])
                 if ms:
                     side.hlines(ms[0], x - 0.35, x + 0.35, color=colour[rival], linewidth=1.5,
                                 linestyle=":", label=label)  # fmt: skip
                     label = None
-        side.set_xticks(range(len(single)), [f"{m}\n@{at[m][0]:g}" for m in single])
+        side.set_xticks(range(len(single)), [f"{m}\n@{at[m][0]}" for m in single])
         side.tick_params(axis="x", labelsize=7, rotation=60)
         side.set_xlim(-0.6, len(single) - 0.4)
         side.set_title("one density only", fontsize=9)
@@ -446,11 +456,6 @@ def plot(rows: Sequence[Row], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def density_key(g: Mapping[tuple[str, str], Any], method: str, density: float) -> str:
-    """The density text of ``method``'s group at ``density`` (CSV texts vary: 0.1, 0.10)."""
-    return next(d for m, d in g if m == method and d and float(d) == density)
 
 
 def marks(section: str) -> tuple[str, str]:
@@ -482,8 +487,13 @@ def splice(readme: str, section: str, text: str) -> str:
 def write_readme(path: Path, section: str, text: str) -> None:
     """Splice ``text`` into the README at ``path``: a temporary file, then a rename."""
     from bbem.atomic import atomic_output
+    from bbem.errors import UserError
 
-    new = splice(path.read_text(), section, text)
+    try:
+        old = path.read_text()
+    except OSError as e:
+        raise UserError(f"cannot read the README {path}: {e.strerror}; --readme names it") from None
+    new = splice(old, section, text)
     with atomic_output(path, overwrite=True, kind="text") as tmp:
         tmp.write_text(new)
 
@@ -508,8 +518,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = read(a.csv)
         md = markdown(rows, a.title)
         print(md, end="")
-        if a.md:
-            Path(a.md).write_text(md)
+        if a.md:  # never over a results CSV it reads
+            from bbem.atomic import atomic_output
+
+            with atomic_output(a.md, overwrite=True, kind="text", inputs=a.csv) as tmp:
+                tmp.write_text(md)
         if a.section:
             write_readme(Path(a.readme), a.section, body(rows))
         if a.png:

@@ -447,3 +447,20 @@ def test_readme_tables_are_the_committed_results(section):
     assert inside == table.body(table.read([REPO / "bench" / "results" / f"{section}.csv"])).rstrip(
         "\n"
     )
+
+
+def test_table_refuses_missing_inputs_and_an_output_over_its_input(tmp_path, capsys):
+    csv_path = _write_csv(tmp_path / "r.csv", [{"config": "c.yaml", "method": "dense",
+                          "density_target": "", "seed": 0, "val_pr_auc": 0.5}])  # fmt: skip
+    assert table.main([str(tmp_path / "none.csv")]) == 2
+    assert capsys.readouterr().err.startswith("error: cannot read the results CSV")
+    args = [str(csv_path), "--section", "em", "--readme", str(tmp_path / "none.md")]
+    assert table.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: cannot read the README {tmp_path / 'none.md'}: "
+                   "No such file or directory; --readme names it"]  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.csv"]
+    before = csv_path.read_bytes()
+    assert table.main([str(csv_path), "--md", str(csv_path)]) == 2  # --md over its own input
+    assert "is the input" in capsys.readouterr().err
+    assert csv_path.read_bytes() == before
